@@ -371,7 +371,9 @@ def collate(rows, pad_id, device):
     for b, (x, n_prompt) in enumerate(rows):
         ids[b, : len(x)], mask[b, : len(x)], labels[b, n_prompt: len(x)] = x, 1, x[n_prompt:]
     pos = (labels[:, 1:].reshape(-1) != -100).nonzero().squeeze(1)
-    return [t.to(device, non_blocking=True) for t in (ids, mask, labels, pos)]
+    if torch.device(device).type == "cuda":  # copies from pinned memory do not make the host wait
+        return [t.pin_memory().to(device, non_blocking=True) for t in (ids, mask, labels, pos)]
+    return [t.to(device) for t in (ids, mask, labels, pos)]
 
 def lm_loss(model, h, labels, pos):
     """Mean next-token cross-entropy over the answer tokens. h: (B, T, H) final hidden states. The LM head runs
@@ -381,11 +383,31 @@ def lm_loss(model, h, labels, pos):
     return F.cross_entropy(model.get_output_embeddings()(h).float(), y)
 
 def consistency_loss(h_fast, h_slow, mask):
-    """MSE between fast and slow hidden states, over real tokens and hidden units, averaged over layers.
+    """MSE between fast and slow hidden states over real tokens and hidden units, averaged over layers.
     h_*: per-layer (B, T, H); mask: (B, T). h_slow is a constant target: no gradient reaches the slow factors."""
     m = mask.unsqueeze(-1).to(h_fast[0].dtype)                      # (B, T, 1)
-    sq = [((hf - hs.detach()) * m).pow(2).sum(dtype=torch.float32) for hf, hs in zip(h_fast, h_slow)]
-    return torch.stack(sq).sum() / (len(sq) * m.sum().float() * h_fast[0].shape[-1])
+    per_layer = [((hf - hs.detach()) * m).pow(2).sum(dtype=torch.float32) for hf, hs in zip(h_fast, h_slow)]
+    return torch.stack(per_layer).mean() / (m.sum().float() * h_fast[0].shape[-1])
+
+def transformer_blocks(blocks):
+    """The decoder layers of an HF backbone: its ModuleList with one entry per layer."""
+    n = blocks.config.num_hidden_layers
+    found = [m for m in blocks.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not found:
+        raise UsageError(f"cannot find the {n} transformer blocks of {type(blocks).__name__}")
+    return found[0]
+
+@contextlib.contextmanager
+def on_block_outputs(blocks, fn):
+    """During the forwards inside, call fn(i, h) with the hidden states h (B, T, H) that block i outputs."""
+    def hook(i):
+        return lambda module, args, out: fn(i, out[0] if isinstance(out, tuple) else out)
+    handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(transformer_blocks(blocks))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 # ----------------------------------------------------------------------------------------------------------------
 # One training step: sample buffer -> slow forward -> fast forward -> CE + gamma * consistency -> step -> interpolate.
@@ -402,16 +424,20 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
     ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, device)
     use_slow = cfg.method == "ilora" and len(replay) > 0
     with autocast(device):
-        # 2. the slow learner's hidden states on the replay rows: a target, so no graph
+        # 2. the slow learner's block outputs on the replay rows: a target, so no graph
+        h_slow, cons = [], []
         if use_slow:
-            with torch.no_grad(), use_learner(layers, "slow"):
-                h_slow = blocks(input_ids=ids[n:], attention_mask=mask[n:], output_hidden_states=True,
-                                use_cache=False).hidden_states[1:]  # skip the embeddings: LoRA cannot move them
-        # 3. the fast learner on the union, in one forward
-        out = blocks(input_ids=ids, attention_mask=mask, output_hidden_states=use_slow, use_cache=False)
+            with torch.no_grad(), use_learner(layers, "slow"), on_block_outputs(blocks, lambda i, h: h_slow.append(h)):
+                blocks(input_ids=ids[n:], attention_mask=mask[n:], use_cache=False)
+        # 3. the fast learner on the union, in one forward. Each block's consistency term is taken as soon as the
+        # block has run and its target dropped: no layer's hidden states stay alive for it until the backward.
+        def consistency_term(i, h):
+            cons.append(consistency_loss([h[n:]], [h_slow[i]], mask[n:]))
+            h_slow[i] = None
+        with on_block_outputs(blocks, consistency_term) if use_slow else contextlib.nullcontext():
+            out = blocks(input_ids=ids, attention_mask=mask, use_cache=False)
         ce = lm_loss(model, out.last_hidden_state, labels, pos)
-        cons = (consistency_loss([h[n:] for h in out.hidden_states[1:]], h_slow, mask[n:]) if use_slow
-                else torch.zeros((), device=device))
+        cons = torch.stack(cons).mean() if use_slow else torch.zeros((), device=device)  # mean over layers
         loss = ce + cfg.gamma * cons
     # 4. update the fast learner
     loss.backward()
@@ -470,8 +496,9 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
 # Evaluation and metrics.
 
 def first_letter(s):
-    m = re.search(r"\b([A-E])\b", s) or re.search(r"[A-E]", s)
-    return m.group(1) if m and m.groups() else (m.group(0) if m else None)
+    """The first choice letter standing alone ('B', 'B.', 'Answer: C', '答案：A'); None if there is none."""
+    m = re.search(r"\b[A-E]\b", s)
+    return m.group(0) if m else None
 
 def first_number(s):
     m = re.search(r"-?\d+(?:,\d{3})*(?:\.\d+)?", s)
@@ -597,8 +624,8 @@ def cl_metrics(R):
 
 def format_R(R, names, learner):
     w = max(8, *(len(n) for n in names))
-    head = f"R ({learner} learner, %)".ljust(16) + "".join(n[:w].rjust(w + 1) for n in names)
-    rows = [("base" if t == 0 else f"after {t}").ljust(16) + "".join(f"{100 * v:{w + 1}.1f}" for v in row)
+    head = f"R ({learner} learner, %)".ljust(22) + "".join(n[:w].rjust(w + 1) for n in names)
+    rows = [("base" if t == 0 else f"after task {t}").ljust(22) + "".join(f"{100 * v:{w + 1}.1f}" for v in row)
             for t, row in enumerate(R) if row is not None]
     return "\n".join([head, *rows])
 

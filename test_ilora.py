@@ -199,8 +199,12 @@ def test_padded_batch_loss_equals_unpadded_rows(kind):
     assert (labels[mask == 0] == -100).all()
 
 def replay_hidden(model, layers, learner, ids, mask):
-    with ilora.use_learner(layers, learner):
-        return model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+    """The outputs of the transformer blocks, as train_step sees them."""
+    hs = []
+    with ilora.use_learner(layers, learner), ilora.on_block_outputs(model.base_model, lambda i, h: hs.append(h)):
+        model.base_model(input_ids=ids, attention_mask=mask)
+    assert len(hs) == model.config.num_hidden_layers
+    return hs
 
 def test_consistency_zero_when_equal_positive_otherwise():
     model = tiny_model("llama")
@@ -541,3 +545,20 @@ def test_malformed_task_files_load_or_fail_with_one_line(tmp_path_factory, train
     recs = tasks[folder.name]
     assert recs["train"] and recs["test"]
     assert all(isinstance(r["prompt"], str) and r["answer"] for r in recs["train"])
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_train_step_consistency_is_the_mse_of_block_outputs(kind):
+    model = tiny_model(kind)
+    layers = ilora.inject_lora(model, r=4, alpha=8)
+    randomize_lora(layers, seed=1, which="fast")
+    randomize_lora(layers, seed=2, which="slow")
+    current, replay = rows(3, seed=5), rows(3, seed=6)
+    ids, mask, _, _ = ilora.collate(current + replay, 0, "cpu")
+    with torch.no_grad():  # the reference: whole-batch fast outputs, sliced to the replay rows
+        h_fast = [h[3:] for h in replay_hidden(model, layers, "fast", ids, mask)]
+        expected = ilora.consistency_loss(h_fast, replay_hidden(model, layers, "slow", ids[3:], mask[3:]), mask[3:])
+    opt = torch.optim.SGD(ilora.fast_tensors(layers), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    _, cons, _ = ilora.train_step(model, layers, opt, sched, current, replay, make_cfg(method="ilora"), 1)
+    torch.testing.assert_close(cons, expected)
+    assert expected > 0

@@ -24,8 +24,9 @@ SWEEP = {"seq": [{"lr": lr} for lr in (3e-4, 1e-3)],
 def name_of(method, setting, seed):
     return "-".join([method, *(f"{k}{v:g}" for k, v in setting.items()), f"s{seed}"])
 
-def run_jobs(jobs, parallel):
-    """Run (name, argv, out) jobs, at most `parallel` at once; returns {name: exit code}."""
+def run_jobs(jobs, parallel, deadline):
+    """Run (name, argv, out) jobs, at most `parallel` at once, stopping all after `deadline` seconds (a run that
+    is stopped keeps its checkpoint and can be continued with --resume); returns {name: exit code}."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_MININTERVAL": "30", "PYTHONUNBUFFERED": "1",
            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     pending, running, codes, t0 = list(jobs), {}, {}, time.time()
@@ -35,6 +36,11 @@ def run_jobs(jobs, parallel):
             out.mkdir(parents=True, exist_ok=True)
             log = open(out / "log.txt", "w")
             running[name] = (subprocess.Popen([sys.executable, "ilora.py", *argv], stdout=log, stderr=log, env=env), log)
+        if deadline and time.time() - t0 > deadline:
+            for name, (proc, log) in running.items():
+                proc.terminate()
+                print(f"[{time.time() - t0:6.0f}s] {name}: stopped at the deadline", flush=True)
+            pending = []
         for name, (proc, log) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
@@ -105,6 +111,7 @@ def main():
     p.add_argument("--root", default="runs/trace8", help="where the runs are written")
     p.add_argument("--seeds", default="0,1", help="final phase")
     p.add_argument("-j", "--parallel", type=int, default=6, help="runs at once")
+    p.add_argument("--deadline", type=float, default=0, help="stop every run after this many seconds, 0 = never")
     p.add_argument("--extra", default="", help="more ilora.py arguments for every run (e.g. caps for a smoke test)")
     args = p.parse_args()
     root = pathlib.Path(args.root)
@@ -114,7 +121,7 @@ def main():
                                     *itertools.chain.from_iterable((f"--{k}", str(v)) for k, v in s.items()),
                                     "--out", str(root / "sweep" / name_of(m, s, 0))], root / "sweep" / name_of(m, s, 0))
                 for m, settings in SWEEP.items() for s in settings]
-        run_jobs(jobs, args.parallel)
+        run_jobs(jobs, args.parallel, args.deadline)
     elif args.phase == "final":
         best = best_settings(root)
         missing = [m for m in SWEEP if m not in best]
@@ -126,7 +133,7 @@ def main():
                                        "--out", str(root / "final" / name_of(m, s, seed))],
                  root / "final" / name_of(m, s, seed))
                 for seed in map(int, args.seeds.split(",")) for m, (s, _, _) in best.items()]
-        run_jobs(jobs, args.parallel)
+        run_jobs(jobs, args.parallel, args.deadline)
     print(table(root))
 
 if __name__ == "__main__":
