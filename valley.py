@@ -203,7 +203,7 @@ def plot_ap(plt, runs, path):
                   fontsize=8)
     ax.set_xlabel("after task")
     ax.set_ylabel("AP: mean score over tasks seen (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(-3, 103)  # markers at 0 and 100 stay visible
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
@@ -247,6 +247,8 @@ def plot(run_dirs, out=None):
         if not (d / "results.json").is_file():
             raise ilora.UsageError(f"{d}: no results.json; pass --out folders of finished ilora.py runs")
         runs.append((d, json.loads((d / "results.json").read_text())))
+    if out:
+        pathlib.Path(out).mkdir(parents=True, exist_ok=True)
     dest = (lambda d, name: pathlib.Path(out) / f"{d.name}_{name}") if out else (lambda d, name: d / name)
     written = []
     for d, res in runs:
