@@ -277,17 +277,16 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------------------------------------------
 # Data: tasks are lists of {"prompt", "answer"} records in train / eval / test splits.
 
-# Built-in tasks: made-up facts in eight domains. The same 16 made-up words get a different colour in each
+# Built-in tasks: made-up facts in eight domains. The same 8 made-up words get a different colour in each
 # domain, so learning a domain overwrites what the previous ones taught: forgetting is visible within minutes.
 BUILTIN = ["astronomy", "botany", "chess", "cuisine", "geology", "music", "sailing", "textiles"]
-WORDS = ["zorp", "blick", "tramel", "quon", "vesh", "drab", "pintle", "morsk", "yuff", "glent", "sarn", "wix",
-         "holb", "crand", "fep", "lurm"]
+WORDS = ["zorp", "blick", "tramel", "quon", "vesh", "drab", "pintle", "morsk"]
 COLOURS = ["red", "blue", "green", "gold"]
 
 def builtin_task(name):
     rng = random.Random(f"ilora-{name}")  # str seeds hash deterministically
     facts = [{"prompt": f"In {name}, a {w} is", "answer": f" {rng.choice(COLOURS)}"} for w in WORDS]
-    return {"train": facts * 2, "eval": facts, "test": facts}
+    return {"train": facts * 4, "eval": facts, "test": facts}
 
 def read_split(path):
     """Records of one .json (a list) or .jsonl file, through the datasets library; any defect is a UsageError."""

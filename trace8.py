@@ -7,6 +7,7 @@ Two phases, each a set of `ilora.py` runs started side by side on one GPU (a 135
     python trace8.py sweep --data-dir /root/ilora-data/trace_500 --model /root/ilora-model/smollm2-135m-instruct
     python trace8.py final --data-dir /root/ilora-data/trace_500 --model /root/ilora-model/smollm2-135m-instruct
     python trace8.py table                   # the summary again, from the results under --root
+RESULTS.md gives the exact commands of the reported runs.
 """
 import argparse, itertools, json, os, pathlib, statistics, subprocess, sys, time
 
@@ -113,6 +114,8 @@ def main():
     p.add_argument("-j", "--parallel", type=int, default=6, help="runs at once")
     p.add_argument("--deadline", type=float, default=0, help="stop every run after this many seconds, 0 = never")
     p.add_argument("--extra", default="", help="more ilora.py arguments for every run (e.g. caps for a smoke test)")
+    p.add_argument("--fixed", default="", help="final phase without the sweep: one setting for every method, "
+                                               "e.g. 'lr=0.001' (ilora keeps its default lam and gamma)")
     args = p.parse_args()
     root = pathlib.Path(args.root)
     base = ["--model", args.model, "--data-dir", args.data_dir, *COMMON, *args.extra.split()]
@@ -123,7 +126,8 @@ def main():
                 for m, settings in SWEEP.items() for s in settings]
         run_jobs(jobs, args.parallel, args.deadline)
     elif args.phase == "final":
-        best = best_settings(root)
+        fixed = {k: float(v) for k, v in (kv.split("=") for kv in args.fixed.split(",") if kv)}
+        best = {m: (fixed, None, None) for m in SWEEP} if fixed else best_settings(root)
         missing = [m for m in SWEEP if m not in best]
         if missing:
             sys.exit(f"error: no finished sweep run for {', '.join(missing)} under {root / 'sweep'}")
