@@ -136,8 +136,9 @@ class LoRALayer(nn.Module):
         self.register_buffer("slow_B", self.lora_B.weight.detach().clone())
         self.learner, self.merged = "fast", False
 
-    def factors(self):
-        if self.learner == "slow":
+    def factors(self, learner=None):
+        """(A, B) of `learner`, by default the one switched in."""
+        if (learner or self.learner) == "slow":
             return self.slow_A, self.slow_B
         return self.lora_A.weight, self.lora_B.weight
 
@@ -648,7 +649,7 @@ def lora_state_dict(model, learner):
     sd = {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALayer):
-            A, B = (m.slow_A, m.slow_B) if learner == "slow" else (m.lora_A.weight, m.lora_B.weight)
+            A, B = m.factors(learner)
             sd[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
             sd[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
     return sd
