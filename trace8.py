@@ -1,55 +1,88 @@
 """The TRACE-8 experiment of RESULTS.md: seq, replay and ilora on TRACE's eight tasks, in TRACE's order.
 
 Two phases, each a set of `ilora.py` runs started side by side on one GPU (a 135M model leaves it mostly idle):
-  sweep: hyper-parameters chosen on the eval splits (OP of the answering learner, R filled only at the end);
+  sweep: hyper-parameters chosen on the eval splits (OP of the answering learner; R scored only before and after);
   final: each method's best setting, several seeds, scored on the test splits, every row of R.
+`all` runs both and starts a method's final runs as soon as its sweep is complete. A run that already finished
+with the same settings is skipped and one stopped at --deadline is continued (--resume), so the same command can
+be repeated until everything is done:
 
-    python trace8.py sweep --data-dir /root/ilora-data/trace_500 --model /root/ilora-model/smollm2-135m-instruct
-    python trace8.py final --data-dir /root/ilora-data/trace_500 --model /root/ilora-model/smollm2-135m-instruct
+    python trace8.py all --data-dir /root/ilora-data/trace_500 --model /root/ilora-model/smollm2-135m-instruct
     python trace8.py table                   # the summary again, from the results under --root
 RESULTS.md gives the exact commands of the reported runs.
 """
-import argparse, itertools, json, os, pathlib, statistics, subprocess, sys, time
+import argparse, dataclasses, itertools, json, os, pathlib, statistics, subprocess, sys, time
+
+import ilora
 
 TASKS = "C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten"
 # Fixed for every run. max_len 768 keeps most of the long prompts (MeetingBank, 20Minuten) and the memory of
-# several runs at once in bounds; 128 new tokens cover the median summary and every short answer.
-COMMON = ["--tasks", TASKS, "--epochs", "2", "--batch-size", "8", "--max-len", "768", "--max-new-tokens", "128",
+# several runs at once in bounds; 64 new tokens cover every short answer and most of a summary's first sentences.
+COMMON = ["--tasks", TASKS, "--epochs", "1", "--batch-size", "8", "--max-len", "768", "--max-new-tokens", "64",
           "--r", "8", "--alpha", "16", "--dropout", "0.05", "--buffer-size", "500", "--eval-batch-size", "100",
-          "--log-every", "20", "--overwrite"]
-SWEEP = {"seq": [{"lr": lr} for lr in (3e-4, 1e-3)],
-         "replay": [{"lr": lr} for lr in (3e-4, 1e-3)],
+          "--eval-learner", "both", "--log-every", "50"]
+SWEEP = {"seq": [{"lr": lr} for lr in (1e-3, 3e-3)],
+         "replay": [{"lr": lr} for lr in (1e-3, 3e-3)],
          "ilora": [{"lr": lr, "lam": lam, "gamma": g}
-                   for lr, lam, g in itertools.product((3e-4, 1e-3), (0.99, 0.999), (0.1, 1.0))]}
+                   for lr, lam, g in itertools.product((1e-3, 3e-3), (0.9, 0.99), (0.1, 1.0))]}
 
 def name_of(method, setting, seed):
     return "-".join([method, *(f"{k}{v:g}" for k, v in setting.items()), f"s{seed}"])
 
-def run_jobs(jobs, parallel, deadline):
-    """Run (name, argv, out) jobs, at most `parallel` at once, stopping all after `deadline` seconds (a run that
-    is stopped keeps its checkpoint and can be continued with --resume); returns {name: exit code}."""
+def flags(setting):
+    return list(itertools.chain.from_iterable((f"--{k}", str(v)) for k, v in setting.items()))
+
+def sweep_jobs(root, base, method):
+    return [(root / "sweep" / name_of(method, s, 0),
+             [*base, "--method", method, "--eval-split", "eval", "--no-eval-every-task", *flags(s)])
+            for s in SWEEP[method]]
+
+def final_jobs(root, base, method, setting, seeds):
+    return [(root / "final" / name_of(method, setting, seed),
+             [*base, "--method", method, "--eval-split", "test", "--seed", str(seed), *flags(setting)])
+            for seed in seeds]
+
+def finished(out, argv):
+    """True if out holds the results of a run with exactly these settings (paths and RESUMABLE ones aside)."""
+    if not (out / "results.json").is_file():
+        return False
+    want = dataclasses.asdict(ilora.parse_args([*argv, "--out", str(out)]))
+    have = json.loads((out / "config.json").read_text())
+    return all(have.get(k) == v for k, v in want.items() if k not in ilora.RESUMABLE)
+
+def run_jobs(jobs, parallel, deadline, more=lambda: []):
+    """Run (out, argv) jobs, at most `parallel` at once; after each exit `more()` may add jobs. Runs still going
+    after `deadline` seconds are stopped: their finished tasks stay in checkpoint.pt and the next call resumes them."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_MININTERVAL": "30", "PYTHONUNBUFFERED": "1",
            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    pending, running, codes, t0 = list(jobs), {}, {}, time.time()
+    pending, running, t0 = list(jobs), {}, time.time()
+    say = lambda msg: print(f"[{time.time() - t0:5.0f}s] {msg}", flush=True)
     while pending or running:
-        while pending and len(running) < parallel:
-            name, argv, out = pending.pop(0)
+        while pending and len(running) < parallel and not (deadline and time.time() - t0 > deadline):
+            out, argv = pending.pop(0)
+            if finished(out, argv):
+                say(f"{out.name}: finished before, skipped")
+                pending += more()
+                continue
+            go_on = (out / "checkpoint.pt").is_file()
             out.mkdir(parents=True, exist_ok=True)
-            log = open(out / "log.txt", "w")
-            running[name] = (subprocess.Popen([sys.executable, "ilora.py", *argv], stdout=log, stderr=log, env=env), log)
+            log = open(out / "log.txt", "a")
+            cmd = [sys.executable, "ilora.py", *argv, "--out", str(out), "--resume" if go_on else "--overwrite"]
+            running[out] = (subprocess.Popen(cmd, stdout=log, stderr=log, env=env), log)
+            say(f"{out.name}: {'resumed' if go_on else 'started'}")
         if deadline and time.time() - t0 > deadline:
-            for name, (proc, log) in running.items():
+            for out, (proc, log) in running.items():
                 proc.terminate()
-                print(f"[{time.time() - t0:6.0f}s] {name}: stopped at the deadline", flush=True)
-            pending = []
-        for name, (proc, log) in list(running.items()):
+                proc.wait()
+                say(f"{out.name}: stopped at the deadline")
+            return
+        for out, (proc, log) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
-                codes[name] = proc.returncode
-                print(f"[{time.time() - t0:6.0f}s] {name}: exit {proc.returncode}", flush=True)
-                del running[name]
+                del running[out]
+                say(f"{out.name}: exit {proc.returncode}")
+                pending += more()
         time.sleep(1)
-    return codes
 
 def load(root, phase):
     out = {}
@@ -60,13 +93,16 @@ def load(root, phase):
     return out
 
 def best_settings(root):
-    """Per method, the sweep setting with the highest OP on the eval splits (ties: the first)."""
+    """Per method whose sweep is complete, the setting with the highest OP of the answering learner (the slow
+    one for ilora) on the eval splits; ties go to the first in SWEEP's order."""
+    runs = load(root, "sweep")
     best = {}
-    for name, res in load(root, "sweep").items():
-        method, op = res["method"], res["metrics"][res["learners"][0]]["OP"]
-        if method not in best or op > best[method][1]:
-            setting = {k: res["config"][k] for k in ("lr", "lam", "gamma") if k != "lam" or method == "ilora"}
-            best[method] = (setting if method == "ilora" else {"lr": setting["lr"]}, op, name)
+    for method, settings in SWEEP.items():
+        ops = [runs[n]["metrics"][runs[n]["learners"][0]]["OP"] if n in runs else None
+               for n in (name_of(method, s, 0) for s in settings)]
+        if None not in ops:
+            i = max(range(len(ops)), key=lambda i: (ops[i], -i))
+            best[method] = (settings[i], ops[i])
     return best
 
 def mean_sd(xs):
@@ -79,25 +115,26 @@ def table(root):
     lines = []
     sweep = load(root, "sweep")
     if sweep:
-        lines += ["## Sweep (eval splits, seed 0, OP of the answering learner)", "",
-                  "| run | learner | OP (eval) |", "|---|---|---|"]
-        lines += [f"| {n} | {r['learners'][0]} | {100 * r['metrics'][r['learners'][0]]['OP']:.2f} |"
-                  for n, r in sweep.items()]
+        lines += ["## Sweep (eval splits, seed 0, OP %)", "", "| run | OP (answering learner) | OP (fast) |",
+                  "|---|---|---|"]
+        lines += [f"| {n} | {100 * r['metrics'][r['learners'][0]]['OP']:.2f} ({r['learners'][0]}) | "
+                  f"{100 * r['metrics']['fast']['OP']:.2f} |" for n, r in sweep.items()]
         lines += ["", "Chosen: " + "; ".join(f"{m}: {s} (OP {100 * op:.2f})"
-                                            for m, (s, op, _) in best_settings(root).items()), ""]
+                                            for m, (s, op) in best_settings(root).items()), ""]
     final = load(root, "final")
     if final:
         lines += ["## Final (test splits; mean ± sd over seeds, %)", "",
-                  "| method | learner | seeds | OP | BWT | FWT | F | train tok/s | train s | eval s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | setting | learner | seeds | OP | BWT | FWT | F | train tok/s | train s | eval s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         groups = {}
-        for res in final.values():
+        for name, res in final.items():
             for learner in res["learners"]:
-                groups.setdefault((res["method"], learner), []).append(res)
-        for (method, learner), runs in sorted(groups.items(), key=lambda kv: ["seq", "replay", "ilora"].index(kv[0][0])):
+                groups.setdefault((res["method"], name.rsplit("-s", 1)[0], learner), []).append(res)
+        for (method, setting, learner), runs in sorted(groups.items(),
+                                                       key=lambda kv: ["seq", "replay", "ilora"].index(kv[0][0])):
             m = [r["metrics"][learner] for r in runs]
             tim = [r["timing"] for r in runs]
-            lines.append(f"| {method} | {learner} | {len(runs)} | " + " | ".join(
+            lines.append(f"| {method} | {setting.split('-', 1)[1]} | {learner} | {len(runs)} | " + " | ".join(
                 mean_sd([x[k] for x in m]) for k in ("OP", "BWT", "FWT", "F")) +
                 f" | {statistics.mean(t['train_tokens_per_s'] for t in tim):.0f}"
                 f" | {statistics.mean(t['train_seconds'] for t in tim):.0f}"
@@ -106,38 +143,35 @@ def table(root):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("phase", choices=["sweep", "final", "table"])
+    p.add_argument("phase", choices=["sweep", "final", "all", "table"])
     p.add_argument("--data-dir", default="../shared/data/trace_500")
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    p.add_argument("--root", default="runs/trace8", help="where the runs are written")
+    p.add_argument("--root", default="results/trace8", help="where the runs are written")
     p.add_argument("--seeds", default="0,1", help="final phase")
     p.add_argument("-j", "--parallel", type=int, default=6, help="runs at once")
     p.add_argument("--deadline", type=float, default=0, help="stop every run after this many seconds, 0 = never")
     p.add_argument("--extra", default="", help="more ilora.py arguments for every run (e.g. caps for a smoke test)")
-    p.add_argument("--fixed", default="", help="final phase without the sweep: one setting for every method, "
-                                               "e.g. 'lr=0.001' (ilora keeps its default lam and gamma)")
     args = p.parse_args()
-    root = pathlib.Path(args.root)
+    root, seeds = pathlib.Path(args.root), [int(s) for s in args.seeds.split(",")]
     base = ["--model", args.model, "--data-dir", args.data_dir, *COMMON, *args.extra.split()]
-    if args.phase == "sweep":
-        jobs = [(name_of(m, s, 0), [*base, "--method", m, "--eval-split", "eval", "--no-eval-every-task",
-                                    *itertools.chain.from_iterable((f"--{k}", str(v)) for k, v in s.items()),
-                                    "--out", str(root / "sweep" / name_of(m, s, 0))], root / "sweep" / name_of(m, s, 0))
-                for m, settings in SWEEP.items() for s in settings]
-        run_jobs(jobs, args.parallel, args.deadline)
+    queued = set()
+
+    def finals_ready():  # final runs of every method whose sweep is complete and whose finals are not queued yet
+        jobs = []
+        for method, (setting, _) in best_settings(root).items():
+            if method not in queued:
+                queued.add(method)
+                jobs += final_jobs(root, base, method, setting, seeds)
+        return jobs
+
+    if args.phase in ("sweep", "all"):
+        jobs = [job for method in SWEEP for job in sweep_jobs(root, base, method)]
+        run_jobs(jobs, args.parallel, args.deadline, finals_ready if args.phase == "all" else lambda: [])
     elif args.phase == "final":
-        fixed = {k: float(v) for k, v in (kv.split("=") for kv in args.fixed.split(",") if kv)}
-        best = {m: (fixed, None, None) for m in SWEEP} if fixed else best_settings(root)
-        missing = [m for m in SWEEP if m not in best]
+        missing = [m for m in SWEEP if m not in best_settings(root)]
         if missing:
-            sys.exit(f"error: no finished sweep run for {', '.join(missing)} under {root / 'sweep'}")
-        jobs = [(name_of(m, s, seed), [*base, "--method", m, "--eval-split", "test", "--eval-learner", "both",
-                                       "--seed", str(seed),
-                                       *itertools.chain.from_iterable((f"--{k}", str(v)) for k, v in s.items()),
-                                       "--out", str(root / "final" / name_of(m, s, seed))],
-                 root / "final" / name_of(m, s, seed))
-                for seed in map(int, args.seeds.split(",")) for m, (s, _, _) in best.items()]
-        run_jobs(jobs, args.parallel, args.deadline)
+            sys.exit(f"error: the sweep of {', '.join(missing)} under {root / 'sweep'} is not complete")
+        run_jobs(finals_ready(), args.parallel, args.deadline)
     print(table(root))
 
 if __name__ == "__main__":
