@@ -111,6 +111,28 @@ def mean_sd(xs):
         return "-"
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
+def final_groups(root):
+    """Final runs grouped by (method, setting, learner), methods in SWEEP's order."""
+    groups = {}
+    for name, res in load(root, "final").items():
+        for learner in res["learners"]:
+            groups.setdefault((res["method"], name.rsplit("-s", 1)[0].split("-", 1)[1], learner), []).append(res)
+    return sorted(groups.items(), key=lambda kv: list(SWEEP).index(kv[0][0]))
+
+def matrices(root):
+    """The mean R (in %) of every final group, one markdown table each: rows after each task, base model first."""
+    lines = []
+    for (method, setting, learner), runs in final_groups(root):
+        tasks = runs[0]["tasks"]
+        R = [[statistics.mean(100 * r["R"][learner][t][i] for r in runs) for i in range(len(tasks))]
+             for t in range(len(tasks) + 1)]
+        lines += [f"**{method} {setting} ({learner} learner)**, mean of {len(runs)} seeds", "",
+                  "| after | " + " | ".join(tasks) + " | AP |", "|---" * (len(tasks) + 2) + "|"]
+        lines += [f"| {t or 'base'} | " + " | ".join(f"{x:.1f}" for x in row) + " | " +
+                  (f"{statistics.mean(row[:t]):.1f}" if t else "") + " |" for t, row in enumerate(R)]
+        lines.append("")
+    return "\n".join(lines)
+
 def table(root):
     lines = []
     sweep = load(root, "sweep")
@@ -126,15 +148,10 @@ def table(root):
         lines += ["## Final (test splits; mean ± sd over seeds, %)", "",
                   "| method | setting | learner | seeds | OP | BWT | FWT | F | train tok/s | train s | eval s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        groups = {}
-        for name, res in final.items():
-            for learner in res["learners"]:
-                groups.setdefault((res["method"], name.rsplit("-s", 1)[0], learner), []).append(res)
-        for (method, setting, learner), runs in sorted(groups.items(),
-                                                       key=lambda kv: ["seq", "replay", "ilora"].index(kv[0][0])):
+        for (method, setting, learner), runs in final_groups(root):
             m = [r["metrics"][learner] for r in runs]
             tim = [r["timing"] for r in runs]
-            lines.append(f"| {method} | {setting.split('-', 1)[1]} | {learner} | {len(runs)} | " + " | ".join(
+            lines.append(f"| {method} | {setting} | {learner} | {len(runs)} | " + " | ".join(
                 mean_sd([x[k] for x in m]) for k in ("OP", "BWT", "FWT", "F")) +
                 f" | {statistics.mean(t['train_tokens_per_s'] for t in tim):.0f}"
                 f" | {statistics.mean(t['train_seconds'] for t in tim):.0f}"
@@ -150,6 +167,7 @@ def main():
     p.add_argument("--seeds", default="0,1", help="final phase")
     p.add_argument("-j", "--parallel", type=int, default=6, help="runs at once")
     p.add_argument("--deadline", type=float, default=0, help="stop every run after this many seconds, 0 = never")
+    p.add_argument("--matrices", action="store_true", help="also print the mean R matrix of every final group")
     p.add_argument("--extra", default="", help="more ilora.py arguments for every run (e.g. caps for a smoke test)")
     args = p.parse_args()
     root, seeds = pathlib.Path(args.root), [int(s) for s in args.seeds.split(",")]
@@ -172,6 +190,8 @@ def main():
         if missing:
             sys.exit(f"error: the sweep of {', '.join(missing)} under {root / 'sweep'} is not complete")
         run_jobs(finals_ready(), args.parallel, args.deadline)
+    if args.matrices:
+        print(matrices(root))
     print(table(root))
 
 if __name__ == "__main__":
