@@ -587,16 +587,22 @@ def generate(model, tok, prompts, max_new_tokens, max_len, batch_size):
     return answers
 
 def evaluate(model, tok, tasks, metrics, cfg, gen_lens):
-    """Mean score of each task's eval split (cfg.eval_split), in task order."""
+    """Mean score of each task's eval split (cfg.eval_split), in task order. Tasks with the same generation length
+    share their generate() calls, so many small tasks cost a few full batches instead of a small batch each."""
     model_was_training = model.training
     model.eval()
+    preds = {}
+    for n_new in sorted(set(gen_lens.values())):
+        group = [name for name in tasks if gen_lens[name] == n_new]
+        answers = iter(generate(model, tok, [r["prompt"] for name in group for r in tasks[name][cfg.eval_split]],
+                                n_new, cfg.max_len, cfg.eval_batch_size))
+        for name in group:
+            preds[name] = [next(answers) for _ in tasks[name][cfg.eval_split]]
+    model.train(model_was_training)
     row = []
     for name, splits in tasks.items():
-        recs = splits[cfg.eval_split]
-        preds = generate(model, tok, [r["prompt"] for r in recs], gen_lens[name], cfg.max_len, cfg.eval_batch_size)
-        score = METRICS[metrics[name]]
-        row.append(sum(score(p, r["answer"], r["prompt"]) for p, r in zip(preds, recs)) / len(recs))
-    model.train(model_was_training)
+        recs, score = splits[cfg.eval_split], METRICS[metrics[name]]
+        row.append(sum(score(p, r["answer"], r["prompt"]) for p, r in zip(preds[name], recs)) / len(recs))
     return row
 
 def cl_metrics(R):
