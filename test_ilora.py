@@ -340,6 +340,22 @@ def test_sari_hand_computed():
     # delete {abc} & {abc} = 1 -> 1/3. n=4: all empty -> 0.
     assert ilora.sari("a b c", "a b d", "a c d") == pytest.approx((1 / 2 + 1 / 3 + 1 / 3 + 0) / 4)
 
+def test_evaluate_shares_generate_calls_by_length_and_keeps_each_task_s_answers(monkeypatch):
+    # three tasks, two generation lengths: one generate() call per length, answers routed back to their tasks
+    tasks = {"A": {"test": [{"prompt": "a1", "answer": "x"}, {"prompt": "a2", "answer": "y"}]},
+             "B": {"test": [{"prompt": "b1", "answer": "x"}]},
+             "C": {"test": [{"prompt": "c1", "answer": "z"}, {"prompt": "c2", "answer": "z"}]}}
+    given = {"a1": "x", "a2": "no", "b1": "x", "c1": "z", "c2": "z"}
+    calls = []
+    def fake_generate(model, tok, prompts, max_new_tokens, max_len, batch_size):
+        calls.append((max_new_tokens, list(prompts)))
+        return [given[p] for p in prompts]
+    monkeypatch.setattr(ilora, "generate", fake_generate)
+    row = ilora.evaluate(torch.nn.Linear(1, 1), None, tasks, {"A": "em", "B": "em", "C": "em"}, ilora.Config(),
+                         {"A": 3, "B": 5, "C": 3})
+    assert row == [0.5, 1.0, 1.0]
+    assert calls == [(3, ["a1", "a2", "c1", "c2"]), (5, ["b1"])]
+
 def test_metric_choice_by_name_and_override():
     cfg = ilora.Config(metric="colours=rouge_l")
     assert ilora.task_metrics(cfg, ["FOMC", "Py150", "colours", "x"]) == {
