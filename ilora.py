@@ -280,13 +280,14 @@ class ReplayBuffer:
 
 # Built-in tasks: made-up facts in eight domains. The same 8 made-up words get a different colour in each
 # domain, so learning a domain overwrites what the previous ones taught: forgetting is visible within minutes.
+# Each word is one token of SmolLM2's vocabulary: a row is then 7 tokens, which keeps the default run short.
 BUILTIN = ["astronomy", "botany", "chess", "cuisine", "geology", "music", "sailing", "textiles"]
-WORDS = ["zorp", "blick", "tramel", "quon", "vesh", "drab", "pintle", "morsk"]
+WORDS = ["pim", "prag", "quil", "fum", "lun", "wob", "dop", "hib"]
 COLOURS = ["red", "blue", "green", "gold"]
 
 def builtin_task(name):
     rng = random.Random(f"ilora-{name}")  # str seeds hash deterministically
-    facts = [{"prompt": f"In {name}, a {w} is", "answer": f" {rng.choice(COLOURS)}"} for w in WORDS]
+    facts = [{"prompt": f"In {name}, {w} is", "answer": f" {rng.choice(COLOURS)}"} for w in WORDS]
     return {"train": facts * 4, "eval": facts, "test": facts}
 
 def read_split(path):

@@ -2,7 +2,8 @@
 # Runs seq, replay and ilora over one task sequence and ends with one table: method x OP, BWT, FWT, forgetting.
 #   bash run_sequence.sh                                             # the 8 built-in tasks
 #   DATA_DIR=../shared/data/trace_500 bash run_sequence.sh           # TRACE-8, in TRACE's order
-#   DATA_DIR=../shared/data/trace_500 EPOCHS=1 bash run_sequence.sh --max-train 40 --max-test 20   # a quick look
+#   DATA_DIR=../shared/data/trace_500 EPOCHS=2 bash run_sequence.sh --max-train 16 --max-test 5 --batch-size 4 \
+#       --warmup 1 --max-len 64 --max-new-tokens 8                  # a quick look: 19 min on 2 CPU cores
 # Overrides: MODEL, EPOCHS, METHODS ("seq replay ilora"), OUT (runs/sequence); extra arguments go to ilora.py.
 set -euo pipefail
 cd "$(dirname "$0")"
