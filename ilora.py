@@ -79,6 +79,10 @@ class Config:
 # Settings that may change on --resume without changing the result.
 RESUMABLE = {"out", "overwrite", "resume", "eval_batch_size", "log_every", "device"}
 
+def result_changing(saved, cfg):
+    """Names of the settings in which cfg differs from a saved config.json in a way that changes the result."""
+    return [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+
 class UsageError(Exception):
     """Bad input: main() prints it on one line and exits with code 2."""
 
@@ -761,7 +765,7 @@ def run(cfg):
         if not (out / "checkpoint.pt").is_file():
             raise UsageError(f"--resume: {out} holds no checkpoint.pt")
         saved = json.loads((out / "config.json").read_text())
-        diff = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+        diff = result_changing(saved, cfg)
         if diff:
             raise UsageError("--resume with settings that change the result: " +
                              ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff))

@@ -11,7 +11,7 @@ be repeated until everything is done:
     python trace8.py table                   # the summary again, from the results under --root
 RESULTS.md gives the exact commands of the reported runs.
 """
-import argparse, dataclasses, itertools, json, os, pathlib, statistics, subprocess, sys, time
+import argparse, itertools, json, os, pathlib, statistics, subprocess, sys, time
 
 import ilora
 
@@ -46,9 +46,7 @@ def finished(out, argv):
     """True if out holds the results of a run with exactly these settings (paths and RESUMABLE ones aside)."""
     if not (out / "results.json").is_file():
         return False
-    want = dataclasses.asdict(ilora.parse_args([*argv, "--out", str(out)]))
-    have = json.loads((out / "config.json").read_text())
-    return all(have.get(k) == v for k, v in want.items() if k not in ilora.RESUMABLE)
+    return not ilora.result_changing(json.loads((out / "config.json").read_text()), ilora.parse_args(argv))
 
 def run_jobs(jobs, parallel, deadline, more=lambda: []):
     """Run (out, argv) jobs, at most `parallel` at once; after each exit `more()` may add jobs. Runs still going
@@ -143,12 +141,12 @@ def table(root):
                   f"{100 * r['metrics']['fast']['OP']:.2f} |" for n, r in sweep.items()]
         lines += ["", "Chosen: " + "; ".join(f"{m}: {s} (OP {100 * op:.2f})"
                                             for m, (s, op) in best_settings(root).items()), ""]
-    final = load(root, "final")
-    if final:
+    groups = final_groups(root)
+    if groups:
         lines += ["## Final (test splits; mean ± sd over seeds, %)", "",
                   "| method | setting | learner | seeds | OP | BWT | FWT | F | train tok/s | train s | eval s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for (method, setting, learner), runs in final_groups(root):
+        for (method, setting, learner), runs in groups:
             m = [r["metrics"][learner] for r in runs]
             tim = [r["timing"] for r in runs]
             lines.append(f"| {method} | {setting} | {learner} | {len(runs)} | " + " | ".join(
