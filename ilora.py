@@ -16,7 +16,7 @@ After every task all tasks are scored, filling R[t][i] (row 0 = the base model);
     python ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC,ScienceQA --method replay
     python ilora.py --help                               # every option with its default
 """
-import contextlib, dataclasses, difflib, importlib.util, json, math, os, pathlib, random, re, signal, sys, time
+import contextlib, dataclasses, difflib, hashlib, importlib.util, json, math, os, pathlib, random, re, signal, sys, time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -76,8 +76,8 @@ class Config:
     device: str = opt("auto", "auto | cpu | cuda")
     log_every: int = opt(10, "steps between log lines")
 
-# Settings that may change on --resume without changing the result.
-RESUMABLE = {"out", "overwrite", "resume", "eval_batch_size", "log_every", "device"}
+# Settings that may change on --resume: none of them can change a number of the result.
+RESUMABLE = {"out", "overwrite", "resume", "log_every"}
 
 def result_changing(saved, cfg):
     """Names of the settings in which cfg differs from a saved config.json in a way that changes the result."""
@@ -87,20 +87,35 @@ class UsageError(Exception):
     """Bad input: main() prints it on one line and exits with code 2."""
 
 def check_config(cfg):
-    rules = [(cfg.method in ("seq", "replay", "ilora"), f"unknown method {cfg.method!r} (seq, replay, ilora)"),
-             (0 <= cfg.lam < 1, f"lam must be in [0, 1), got {cfg.lam}"),
-             (cfg.r >= 1, f"rank r must be >= 1, got {cfg.r}"),
-             (cfg.buffer_size >= 0, f"buffer_size must be >= 0, got {cfg.buffer_size}"),
-             (cfg.gamma >= 0, f"gamma must be >= 0, got {cfg.gamma}"),
-             (0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}"),
-             (cfg.epochs >= 1 and cfg.batch_size >= 1, "epochs and batch_size must be >= 1"),
-             (cfg.max_len >= 8, f"max_len must be >= 8, got {cfg.max_len}"),
-             (cfg.eval_split in ("test", "eval"), f"eval_split must be test or eval, got {cfg.eval_split!r}"),
-             (cfg.eval_learner in ("slow", "fast", "both"), f"unknown eval_learner {cfg.eval_learner!r}"),
-             (cfg.device in ("auto", "cpu", "cuda"), f"unknown device {cfg.device!r}")]
-    for ok, msg in rules:
+    """Every option in its range, before anything is read or loaded."""
+    c, finite = cfg, math.isfinite
+    rules = [("model", c.model.strip() != "", "a hub id, a folder or a .gguf file"),
+             ("tasks", any(t.strip() for t in c.tasks.split(",")), "a comma list of tasks"),
+             ("method", c.method in ("seq", "replay", "ilora"), "seq, replay or ilora"),
+             ("out", c.out.strip() != "", "a folder"),
+             ("r", c.r >= 1, ">= 1"), ("alpha", c.alpha > 0 and finite(c.alpha), "> 0"),
+             ("dropout", 0 <= c.dropout < 1, "in [0, 1)"), ("lam", 0 <= c.lam < 1, "in [0, 1)"),
+             ("gamma", c.gamma >= 0 and finite(c.gamma), ">= 0"),
+             ("buffer_size", c.buffer_size >= (c.method != "seq"),
+              ">= 1 for replay and ilora (with no buffer they are --method seq)"),
+             ("epochs", c.epochs >= 1, ">= 1"), ("batch_size", c.batch_size >= 1, ">= 1"),
+             ("lr", c.lr > 0 and finite(c.lr), "> 0"),
+             ("weight_decay", c.weight_decay >= 0 and finite(c.weight_decay), ">= 0"),
+             ("warmup", c.warmup >= 0, ">= 0"), ("grad_clip", c.grad_clip >= 0 and finite(c.grad_clip), ">= 0"),
+             ("max_len", c.max_len >= 8, ">= 8"), ("max_train", c.max_train >= 0, ">= 0 (0 = all)"),
+             ("max_eval", c.max_eval >= 0, ">= 0 (0 = all)"), ("max_test", c.max_test >= 0, ">= 0 (0 = all)"),
+             ("eval_split", c.eval_split in ("test", "eval"), "test or eval"),
+             ("eval_learner", c.eval_learner in ("slow", "fast", "both"), "slow, fast or both"),
+             ("eval_batch_size", c.eval_batch_size >= 1, ">= 1"),
+             ("max_new_tokens", 1 <= c.max_new_tokens < c.max_len, "in [1, --max-len): the prompt needs room"),
+             ("seed", 0 <= c.seed < 2 ** 32, "in [0, 2**32)"),
+             ("device", c.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+             ("log_every", c.log_every >= 1, ">= 1")]
+    for name, ok, allowed in rules:
         if not ok:
-            raise UsageError(msg)
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible")
 
 def set_seed(seed):
     random.seed(seed)
@@ -202,6 +217,8 @@ def inject_lora(model, targets=None, r=8, alpha=16.0, dropout=0.0):
     for name, module in list(model.named_modules()):
         hits = [t for t in targets if name == t or name.endswith("." + t)]
         if hits and is_linear(module):
+            if r > min(in_out_features(module)):  # B A would have no more rank than W itself
+                raise UsageError(f"--r {r}: must be at most the smaller side of {name}, {in_out_features(module)}")
             found[hits[0]].append(name)
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name), leaf, LoRALayer(module, r, alpha, dropout))
@@ -210,6 +227,9 @@ def inject_lora(model, targets=None, r=8, alpha=16.0, dropout=0.0):
         raise UsageError(f"LoRA target(s) {', '.join(missing)} match no linear layer; this model has: "
                          f"{', '.join(linear_names(model))}")
     return [m for m in model.modules() if isinstance(m, LoRALayer)]
+
+def lora_targets(cfg):
+    return [t.strip() for t in cfg.targets.split(",") if t.strip()] or None
 
 def fast_tensors(layers):
     return [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
@@ -349,8 +369,10 @@ def load_tasks(cfg):
                     raise UsageError(f"task {name!r}: {path} holds no records")
                 if split == "train" and (empty := [i for i, r in enumerate(splits[split]) if not r["answer"]]):
                     raise UsageError(f"{path}: record {empty[0]} has an empty answer (nothing to train on)")
-        splits = {s: recs[: caps[s] or None] for s, recs in splits.items() if s in ("train", cfg.eval_split)}
-        tasks[pathlib.Path(name).name] = splits
+        if pathlib.Path(name).name in tasks:  # R has one column a task, keyed by the folder's name
+            raise UsageError(f"--tasks names task {pathlib.Path(name).name!r} twice")
+        tasks[pathlib.Path(name).name] = {s: recs[: caps[s] or None] for s, recs in splits.items()
+                                          if s in ("train", cfg.eval_split)}
     return tasks
 
 def encode(tok, prompt, answer, max_len):
@@ -385,7 +407,10 @@ def lm_loss(model, h, labels, pos):
     on the labelled positions only: answers are short next to prompts, so this skips most of the vocab matmul."""
     h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, pos)  # (N, H)
     y = labels[:, 1:].reshape(-1).index_select(0, pos)            # (N,)
-    return F.cross_entropy(model.get_output_embeddings()(h).float(), y)
+    logits = model.get_output_embeddings()(h).float()              # (N, V)
+    if cap := getattr(model.config.get_text_config(), "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cap) * cap  # Gemma-2 decodes these soft-capped logits: train on them too
+    return F.cross_entropy(logits, y)
 
 def consistency_loss(h_fast, h_slow, mask):
     """MSE between fast and slow hidden states over real tokens and hidden units, averaged over layers.
@@ -414,6 +439,19 @@ def on_block_outputs(blocks, fn):
         for h in handles:
             h.remove()
 
+@torch.no_grad()
+def slow_block_outputs(blocks, layers, ids, mask):
+    """The slow learner's block outputs, one (B, T, H) a block: the consistency target. It must be a fixed function
+    of the rows, so the forward runs in eval mode: no LoRA dropout and none of the model's own (GPT-2, OPT, phi)."""
+    h, was_training = [], blocks.training
+    blocks.eval()
+    try:
+        with use_learner(layers, "slow"), on_block_outputs(blocks, lambda i, out: h.append(out)):
+            blocks(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        blocks.train(was_training)
+    return h
+
 # ----------------------------------------------------------------------------------------------------------------
 # One training step: sample buffer -> slow forward -> fast forward -> CE + gamma * consistency -> step -> interpolate.
 
@@ -430,10 +468,8 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
     use_slow = cfg.method == "ilora" and len(replay) > 0
     with autocast(device):
         # 2. the slow learner's block outputs on the replay rows: a target, so no graph
-        h_slow, cons = [], []
-        if use_slow:
-            with torch.no_grad(), use_learner(layers, "slow"), on_block_outputs(blocks, lambda i, h: h_slow.append(h)):
-                blocks(input_ids=ids[n:], attention_mask=mask[n:], use_cache=False)
+        h_slow = slow_block_outputs(blocks, layers, ids[n:], mask[n:]) if use_slow else []
+        cons = []
         # 3. the fast learner on the union, in one forward. Each block's consistency term is taken as soon as the
         # block has run and its target dropped: no layer's hidden states stay alive for it until the backward.
         def consistency_term(i, h):
@@ -560,14 +596,17 @@ TASK_METRICS = {"C-STANCE": "choice", "FOMC": "choice", "ScienceQA": "choice", "
 
 def task_metrics(cfg, names):
     """Score name per task: --metric overrides, then the TRACE table, else exact match."""
-    chosen = {n: TASK_METRICS.get(n, "em") for n in names}
+    chosen, overridden = {n: TASK_METRICS.get(n, "em") for n in names}, set()
     for item in filter(None, (s.strip() for s in cfg.metric.split(","))):
         task, _, metric = item.partition("=")
         if metric not in METRICS:
             raise UsageError(f"unknown metric {metric!r} in --metric (one of {', '.join(METRICS)})")
         if task not in chosen:
             raise UsageError(f"--metric names task {task!r}, which is not in --tasks")
+        if task in overridden:
+            raise UsageError(f"--metric names task {task!r} twice")
         chosen[task] = metric
+        overridden.add(task)
     return chosen
 
 @torch.no_grad()
@@ -682,8 +721,17 @@ def save_checkpoint(out, layers, buffer, state, R):
             "python": random.getstate(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}, p))
 
-def load_checkpoint(out, layers, buffer):
-    ck = torch.load(pathlib.Path(out) / "checkpoint.pt", weights_only=True)
+def read_run(out):
+    """config.json and checkpoint.pt of the run in `out`, to resume it; a missing or damaged one is a UsageError."""
+    for name, read in [("config.json", lambda p: json.loads(p.read_text())),
+                       ("checkpoint.pt", lambda p: torch.load(p, weights_only=True))]:
+        try:
+            yield read(pathlib.Path(out) / name)
+        except Exception as e:  # missing, cut short, not JSON, not a zip: the run cannot be continued from it
+            raise UsageError(f"--resume: cannot read {pathlib.Path(out) / name} ({type(e).__name__}); start the "
+                             f"run again with --overwrite") from None
+
+def load_checkpoint(ck, layers, buffer):
     with torch.no_grad():
         for dst, src in zip(fast_tensors(layers) + slow_tensors(layers), ck["fast"] + ck["slow"]):
             dst.copy_(src)
@@ -693,6 +741,31 @@ def load_checkpoint(out, layers, buffer):
     if ck["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
     return ck["state"], ck["R"]
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+def fingerprint(cfg, tasks):
+    """sha256 of what a run reads: the records of each task split, and the model's files. --resume compares them,
+    so that a run whose data or model changed in between cannot mix two experiments in one R."""
+    src, gguf = model_source(cfg.model)
+    if cfg.model == DEFAULT_MODEL and smollm2_gguf():  # the GGUF, also once it is converted into CACHE
+        files = [smollm2_gguf()]
+    elif gguf:
+        files = [pathlib.Path(src) / gguf]
+    else:
+        if not pathlib.Path(src).is_dir():  # a hub id: the snapshot in the local cache
+            from huggingface_hub import snapshot_download
+            src = snapshot_download(src, local_files_only=True)
+        files = sorted(p for p in pathlib.Path(src).iterdir() if p.name == "config.json" or
+                       p.suffix in (".safetensors", ".bin"))
+    fp = {f"{name}/{split}": hashlib.sha256(json.dumps(recs).encode()).hexdigest()
+          for name, splits in tasks.items() for split, recs in splits.items()}
+    return {**fp, "model": hashlib.sha256(" ".join(map(file_sha256, files)).encode()).hexdigest()}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model loading and the run.
@@ -725,17 +798,20 @@ def model_source(name):
         raise UsageError(f"--model {name}: no such folder")
     return name, None
 
-def check_model_config(name):
-    from transformers import AutoConfig
+def check_model(cfg):
+    """Read the model's config (not its weights) and inject LoRA into an empty copy of the model on the meta
+    device: a model type, target or rank that cannot work is found before anything is loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    src, gguf = model_source(name)
+    src, gguf = model_source(cfg.model)
     try:
         config = AutoConfig.from_pretrained(src, gguf_file=gguf)
     except Exception as e:
-        raise UsageError(f"--model {name}: cannot load its config ({str(e).splitlines()[0][:160]})") from None
+        raise UsageError(f"--model {cfg.model}: cannot load its config ({str(e).splitlines()[0][:160]})") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise UsageError(f"--model {name}: model type {config.model_type!r} is not a causal language model")
-    return config
+        raise UsageError(f"--model {cfg.model}: model type {config.model_type!r} is not a causal language model")
+    with torch.device("meta"):
+        inject_lora(AutoModelForCausalLM.from_config(config), lora_targets(cfg), cfg.r, cfg.alpha)
 
 def load_model(name, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -762,11 +838,8 @@ def run(cfg):
     check_config(cfg)
     out = pathlib.Path(cfg.out)
     if cfg.resume:
-        if not (out / "checkpoint.pt").is_file():
-            raise UsageError(f"--resume: {out} holds no checkpoint.pt")
-        saved = json.loads((out / "config.json").read_text())
-        diff = result_changing(saved, cfg)
-        if diff:
+        saved, ck = read_run(out)
+        if diff := result_changing(saved, cfg):
             raise UsageError("--resume with settings that change the result: " +
                              ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff))
     elif (out / "results.json").exists() or (out / "checkpoint.pt").exists():
@@ -775,16 +848,19 @@ def run(cfg):
     tasks = load_tasks(cfg)
     names = list(tasks)
     metrics = task_metrics(cfg, names)
-    check_model_config(cfg.model)
+    check_model(cfg)
+    if cfg.resume and (changed := [k for k, v in fingerprint(cfg, tasks).items()
+                                   if saved.get("fingerprint", {}).get(k) != v]):
+        raise UsageError(f"--resume: the inputs changed since the run began ({', '.join(changed)}); start it again "
+                         f"with --overwrite, or restore them")
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
-    write_json(out / "config.json", dataclasses.asdict(cfg))
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device)
-    layers = inject_lora(model, [t.strip() for t in cfg.targets.split(",") if t.strip()] or None,
-                         cfg.r, cfg.alpha, cfg.dropout)
+    write_json(out / "config.json", {**dataclasses.asdict(cfg), "fingerprint": fingerprint(cfg, tasks)})
+    layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
     if cfg.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_lora = sum(p.numel() for p in fast_tensors(layers))
@@ -800,7 +876,7 @@ def run(cfg):
     state = {"done": 0, "step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0}  # done: tasks finished
     R = {k: [None] * (T + 1) for k in learners}
     if cfg.resume:
-        state, R = load_checkpoint(out, layers, buffer)
+        state, R = load_checkpoint(ck, layers, buffer)
         print(f"resuming after task {state['done']} of {T}")
 
     def score_row(t):
@@ -854,12 +930,16 @@ def parse_args(argv=None):
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
             p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    def one_line(message):  # argparse would print its whole usage first
+        raise UsageError(message)
+    p.error = one_line
     return Config(**vars(p.parse_args(argv)))
 
 def main(argv=None):
-    cfg = parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    cfg = Config()
     try:
+        cfg = parse_args(argv)
         return run(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

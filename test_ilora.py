@@ -370,20 +370,37 @@ def bad_input_cases(tmp_path):
     (empty_answer / "train.json").write_text('[{"prompt": "a", "answer": "b"}, {"prompt": "a", "answer": ""}]')
     not_causal = tmp_path / "t5"; not_causal.mkdir()
     (not_causal / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
+    g = str(good)
     return [
         (["--tasks", str(tmp_path / "missing")], "not a built-in task"),
-        (["--tasks", str(good), "--data-dir", str(tmp_path / "nowhere")], None),  # a real folder wins: no error
+        (["--tasks", g, "--data-dir", str(tmp_path / "nowhere")], None),  # a real folder wins: no error
         (["--tasks", str(bad_json)], "cannot read"),
         (["--tasks", str(no_keys)], "record 0 needs string fields"),
         (["--tasks", str(empty)], "holds no records"),
         (["--tasks", str(empty_answer)], "record 1 has an empty answer"),
-        (["--tasks", str(good), "--metric", "good=bleu"], "unknown metric 'bleu'"),
-        (["--tasks", str(good), "--method", "ewc"], "unknown method 'ewc'"),
-        (["--tasks", str(good), "--lam", "1.0"], "lam must be in"),
-        (["--tasks", str(good), "--r", "0"], "rank r must be"),
-        (["--tasks", str(good), "--buffer-size", "-1"], "buffer_size must be"),
-        (["--tasks", str(good), "--model", str(not_causal)], "not a causal language model"),
-        (["--tasks", str(good), "--model", str(tmp_path / "no_model")], "no such folder"),
+        (["--tasks", f"{g},{g}"], "--tasks names task 'good' twice"),
+        (["--tasks", f"{g},{write_task(tmp_path / 'other' / 'good')}"], "--tasks names task 'good' twice"),
+        (["--tasks", g, "--metric", "good=bleu"], "unknown metric 'bleu'"),
+        (["--tasks", g, "--metric", "good=choice,good=em"], "--metric names task 'good' twice"),
+        (["--tasks", g, "--method", "ewc"], "--method 'ewc': must be seq, replay or ilora"),
+        (["--tasks", g, "--lam", "1.0"], "--lam 1.0: must be in [0, 1)"),
+        (["--tasks", g, "--r", "0"], "--r 0: must be >= 1"),
+        (["--tasks", g, "--r", "100000"], "--r 100000: must be at most the smaller side of"),
+        (["--tasks", g, "--buffer-size", "-1"], "--buffer-size -1: must be >= 1 for replay and ilora"),
+        (["--tasks", g, "--buffer-size", "0", "--method", "replay"], "--buffer-size 0: must be >= 1"),
+        (["--tasks", g, "--eval-batch-size", "0"], "--eval-batch-size 0: must be >= 1"),
+        (["--tasks", g, "--lr", "-1"], "--lr -1.0: must be > 0"),
+        (["--tasks", g, "--lr", "nan"], "--lr nan: must be > 0"),
+        (["--tasks", g, "--gamma", "inf"], "--gamma inf: must be >= 0"),
+        (["--tasks", g, "--max-new-tokens", "0"], "--max-new-tokens 0: must be in [1, --max-len)"),
+        (["--tasks", g, "--max-len", "256", "--max-new-tokens", "256"], "--max-new-tokens 256: must be in [1"),
+        (["--tasks", g, "--max-train", "-3"], "--max-train -3: must be >= 0"),
+        (["--tasks", g, "--log-every", "0"], "--log-every 0: must be >= 1"),
+        (["--tasks", g, "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+        (["--tasks", g, "--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["--tasks", g, "--targets", "nope"], "LoRA target(s) nope match no linear layer"),
+        (["--tasks", g, "--model", str(not_causal)], "not a causal language model"),
+        (["--tasks", g, "--model", str(tmp_path / "no_model")], "no such folder"),
     ]
 
 def test_bad_input_exits_2_with_one_line_before_loading_the_model(tmp_path, model_dir, monkeypatch, capsys):
@@ -480,7 +497,7 @@ def test_resume_after_a_crash_gives_identical_results(tmp_path, model_dir, monke
     with pytest.raises(RuntimeError, match="power cut"):
         ilora.main(args + ["--overwrite"])
     monkeypatch.setattr(ilora, "train_task", real_train_task)
-    ilora.main(args + ["--resume", "--eval-batch-size", "3"])  # evaluation batch size may change on resume
+    ilora.main(args + ["--resume", "--log-every", "1"])  # a setting that changes no number may change
     assert without_timing(tmp_path / "out" / "results.json") == full
 
 def test_resume_refuses_settings_that_change_the_result(tmp_path, model_dir, capsys):

@@ -13,6 +13,8 @@ RESULTS.md gives the exact commands of the reported runs.
 """
 import argparse, itertools, json, os, pathlib, statistics, subprocess, sys, time
 
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # ilora.py is one folder up
 import ilora
 
 TASKS = "C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten"
@@ -65,7 +67,8 @@ def run_jobs(jobs, parallel, deadline, more=lambda: []):
             go_on = (out / "checkpoint.pt").is_file()
             out.mkdir(parents=True, exist_ok=True)
             log = open(out / "log.txt", "a")
-            cmd = [sys.executable, "ilora.py", *argv, "--out", str(out), "--resume" if go_on else "--overwrite"]
+            cmd = [sys.executable, str(HERE.parent / "ilora.py"), *argv, "--out", str(out),
+                   "--resume" if go_on else "--overwrite"]
             running[out] = (subprocess.Popen(cmd, stdout=log, stderr=log, env=env), log)
             say(f"{out.name}: {'resumed' if go_on else 'started'}")
         if deadline and time.time() - t0 > deadline:
@@ -159,9 +162,9 @@ def table(root):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("phase", choices=["sweep", "final", "all", "table"])
-    p.add_argument("--data-dir", default="../shared/data/trace_500")
+    p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared/data/trace_500"))
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    p.add_argument("--root", default="results/trace8", help="where the runs are written")
+    p.add_argument("--root", default=str(HERE / "results/trace8"), help="where the runs are written")
     p.add_argument("--seeds", default="0,1", help="final phase")
     p.add_argument("-j", "--parallel", type=int, default=6, help="runs at once")
     p.add_argument("--deadline", type=float, default=0, help="stop every run after this many seconds, 0 = never")

@@ -14,11 +14,12 @@ CE through the model's `labels=` (full-vocab logits, as the authors' code); peft
 LM head, to separate that saving from the structural ones. The step time is the median of CUDA-event timings
 after warm-up; the peak memory is over the timed steps. See BENCHMARKS.md for the FLOP count behind the MFU.
 """
-import argparse, gc, statistics, sys, time, warnings
+import argparse, gc, pathlib, statistics, sys, time, warnings
 
 import torch
 import torch.nn as nn
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
 import ilora
 
 # Random-weight models from the configs of real architectures (no weights needed).

@@ -2,11 +2,12 @@
 
     python -m pytest -q test_valley.py
 """
-import json, sys
+import json, pathlib, sys
 
 import pytest
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
 import ilora, valley
 from test_ilora import IDS, logits, model_dir, randomize_lora, tiny_model, write_task, base_args  # noqa: F401
 

@@ -20,6 +20,7 @@ import argparse, dataclasses, json, pathlib, sys
 
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
 import ilora
 
 # ----------------------------------------------------------------------------------------------------------------
