@@ -408,7 +408,7 @@ def lm_loss(model, h, labels, pos):
     h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, pos)  # (N, H)
     y = labels[:, 1:].reshape(-1).index_select(0, pos)            # (N,)
     logits = model.get_output_embeddings()(h).float()              # (N, V)
-    if cap := getattr(model.config.get_text_config(), "final_logit_softcapping", None):
+    if cap := getattr(model.config, "final_logit_softcapping", None):
         logits = torch.tanh(logits / cap) * cap  # Gemma-2 decodes these soft-capped logits: train on them too
     return F.cross_entropy(logits, y)
 
@@ -421,7 +421,7 @@ def consistency_loss(h_fast, h_slow, mask):
 
 def transformer_blocks(blocks):
     """The decoder layers of an HF backbone: its ModuleList with one entry per layer."""
-    n = blocks.config.num_hidden_layers
+    n = blocks.config.get_text_config().num_hidden_layers  # a multimodal config keeps it in its text part
     found = [m for m in blocks.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
     if not found:
         raise UsageError(f"cannot find the {n} transformer blocks of {type(blocks).__name__}")

@@ -2,7 +2,7 @@
 
     python -m pytest -q test_ilora.py
 """
-import json, pathlib, subprocess, sys
+import contextlib, io, json, pathlib, subprocess, sys
 
 import pytest
 import torch
@@ -595,3 +595,167 @@ def test_train_step_consistency_is_the_mse_of_block_outputs(kind):
     _, cons, _ = ilora.train_step(model, layers, opt, sched, current, replay, make_cfg(method="ilora"), 1)
     torch.testing.assert_close(cons, expected)
     assert expected > 0
+
+# ---- defects found in review, one test each --------------------------------------------------------------------
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0)
+ARCH_EXTRA = {"opt": dict(ffn_dim=64, word_embed_proj_dim=32), "gptj": dict(rotary_dim=4),
+              "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=8),
+              "gemma2": dict(final_logit_softcapping=0.05), "gemma3_text": dict(final_logit_softcapping=0.05),
+              "falcon": dict(head_dim=None)}
+
+def tiny_arch(model_type):
+    """A 2-layer random model of any type in DEFAULT_TARGETS, built from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kw = {k: v for k, v in {**SMALL, **ARCH_EXTRA.get(model_type, {})}.items() if v is not None}
+    if model_type == "gemma3":  # multimodal: a text config and a small vision tower
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        cfg = AutoConfig.for_model("gemma3", text_config={**kw, "final_logit_softcapping": 0.05},
+                                   vision_config=vision, mm_tokens_per_image=4)
+    else:
+        cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+@pytest.mark.parametrize("model_type", sorted(ilora.DEFAULT_TARGETS))
+def test_lm_loss_equals_the_model_s_own_loss_and_a_step_runs(model_type):
+    model = tiny_arch(model_type)  # Gemma-2 soft-caps its logits: lm_loss must train on the logits generate decodes
+    x = torch.tensor([1, 5, 9, 13, 14, 20, 7, 2], dtype=torch.int32)
+    ids, mask, labels, pos = ilora.collate([(x, 3)], 0, "cpu")
+    with torch.no_grad():
+        ours = ilora.lm_loss(model, model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state, labels, pos)
+        theirs = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    model.config.pad_token_id = 0  # as load_model sets it
+    layers = ilora.inject_lora(model)  # the default targets exist, and one ilora step runs with finite terms
+    opt = torch.optim.AdamW(ilora.fast_tensors(layers), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ce, cons, _ = ilora.train_step(model.train(), layers, opt, sched, rows(2), rows(2, 1), make_cfg(method="ilora"), 1)
+    assert torch.isfinite(ce) and torch.isfinite(cons)
+
+def test_slow_target_is_the_same_under_the_model_s_own_dropout(monkeypatch):
+    model = tiny_model("gpt2").train()  # GPT-2's embedding, attention and residual dropouts are 0.1
+    layers = ilora.inject_lora(model, r=4, alpha=8)
+    randomize_lora(layers, seed=1, which="fast")
+    randomize_lora(layers, seed=1, which="slow")  # equal, so the interpolation leaves the slow learner where it is
+    targets, real = [], ilora.consistency_loss
+    monkeypatch.setattr(ilora, "consistency_loss", lambda hf, hs, m: targets.append(hs[0]) or real(hf, hs, m))
+    opt = torch.optim.SGD(ilora.fast_tensors(layers), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for seed in (1, 2):  # another dropout draw each time; the target must not move
+        torch.manual_seed(seed)
+        ilora.train_step(model, layers, opt, sched, rows(3), rows(3, 6), make_cfg(method="ilora"), 1)
+    n = model.config.num_hidden_layers
+    assert len(targets) == 2 * n and all(torch.equal(targets[i], targets[n + i]) for i in range(n))
+    assert model.training  # the fast learner keeps the model's own training behaviour
+
+def test_evaluation_prompts_leave_room_for_the_answer():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    seen = []
+    real = model.generate
+    model.generate = lambda input_ids, **kw: seen.append(input_ids.shape[1]) or real(input_ids=input_ids, **kw)
+    answers = ilora.generate(model, tok, [" ".join(["the"] * 40), "the sky"], 6, max_len=16, batch_size=2)
+    assert seen == [16 - 6] and len(answers) == 2  # the long prompt lost its left end
+
+def test_resume_refuses_device_and_eval_batch_size_changes(tmp_path, model_dir, capsys):
+    args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
+    ilora.main(args)  # on CPU in fp32 here; a GPU resume would continue in bf16, and greedy answers move with the batch
+    capsys.readouterr()
+    for change in (["--eval-batch-size", "3"], ["--device", "cpu"]):
+        with pytest.raises(SystemExit) as e:
+            ilora.main(args + ["--resume", *change])
+        assert e.value.code == 2 and change[0][2:].replace("-", "_") in capsys.readouterr().err
+
+def damage(out, what, tmp_path, model_dir):
+    if what == "checkpoint cut short":
+        ck = out / "checkpoint.pt"
+        ck.write_bytes(ck.read_bytes()[:1000])
+    elif what == "config.json deleted":
+        (out / "config.json").unlink()
+    elif what == "task file changed":
+        recs = json.loads((tmp_path / "t1" / "test.json").read_text())
+        (tmp_path / "t1" / "test.json").write_text(json.dumps(recs[:-1]))
+    elif what == "model changed":
+        cfg = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}))
+
+@pytest.mark.parametrize("what, message", [("checkpoint cut short", "cannot read .*checkpoint.pt"),
+                                           ("config.json deleted", "cannot read .*config.json"),
+                                           ("task file changed", r"inputs changed .*\(t1/test\)"),
+                                           ("model changed", r"inputs changed .*\(model\)")])
+def test_resume_of_a_damaged_or_changed_run_is_refused_in_one_line(what, message, tmp_path, model_dir, monkeypatch,
+                                                                   capsys):
+    import re, shutil
+    model_copy = tmp_path / "model"
+    shutil.copytree(model_dir, model_copy)
+    t1, t2 = write_task(tmp_path / "t1"), write_task(tmp_path / "t2", colour="blue")
+    args = base_args(model_copy, tmp_path, "--tasks", f"{t1},{t2}", "--epochs", "1")
+    ilora.main(args)
+    damage(tmp_path / "out", what, tmp_path, model_copy)
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    monkeypatch.setattr(ilora, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        ilora.main(args + ["--resume"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before  # nothing touched
+
+# ---- the command line, fuzzed -----------------------------------------------------------------------------------
+
+ODD_INTS = ["0", "-1", "-3", "10" * 6, "nan", "1.5", "", "x"]
+ODD_FLOATS = ["0", "-1", "1e30", "nan", "inf", "-inf", "", "x"]
+ODD_STRS = ["", ",", "nope", "?!", "../nowhere", "ilora,seq"]
+GOOD = {"method": ["ilora", "replay", "seq"], "r": ["2"], "alpha": ["8"], "dropout": ["0.1"], "lam": ["0.5"],
+        "gamma": ["0.1"], "buffer_size": ["4"], "epochs": ["1"], "batch_size": ["4", "1000000000"], "lr": ["1e-2"],
+        "weight_decay": ["0.01"], "warmup": ["1", "1000000000"], "grad_clip": ["1", "0"], "max_len": ["12", "64"],
+        "max_train": ["0", "3", "1000000000"], "max_eval": ["0", "2"], "max_test": ["0", "2"], "eval_split": ["test", "eval"],
+        "eval_learner": ["slow", "fast", "both"], "eval_batch_size": ["3", "1000000000"], "max_new_tokens": ["4"],
+        "metric": ["", "t1=rouge_l"], "seed": ["0", "7"], "device": ["cpu", "auto"], "log_every": ["1", "1000000000"],
+        "targets": ["", "q_proj,v_proj"], "data_dir": [""]}
+# No huge epochs (a valid, endless run) and no huge max_new_tokens (valid; it only costs time).
+NO_HUGE = {"epochs", "max_new_tokens"}
+
+def field_values(f, model_dir, tasks):
+    """Hypothesis strategy for one Config field's command-line words: good values and odd ones."""
+    from hypothesis import strategies as st
+    flag = "--" + f.name.replace("_", "-")
+    if f.type in (bool, "bool"):
+        return st.sampled_from([[], [flag], ["--no-" + flag[2:]]])
+    good = {"model": [str(model_dir)], "tasks": [tasks], "out": None}.get(f.name, GOOD.get(f.name))
+    if good is None:
+        return st.just([])
+    odd = {"int": [v for v in ODD_INTS if not (f.name in NO_HUGE and len(v) > 6)], "float": ODD_FLOATS}.get(
+        f.type if isinstance(f.type, str) else f.type.__name__, ODD_STRS)
+    return st.sampled_from(good + odd).map(lambda v: [flag, v])
+
+def test_fuzzed_command_line_completes_or_exits_2_in_one_line_before_loading(tmp_path_factory, model_dir):
+    from hypothesis import given, settings, HealthCheck, strategies as st
+    data = tmp_path_factory.mktemp("fuzz_data")
+    tasks = f"{write_task(data / 't1')},{write_task(data / 't2', colour='blue')}"
+    fields = [f for f in ilora.dataclasses.fields(ilora.Config) if f.name != "out"]
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.tuples(*(field_values(f, model_dir, tasks) for f in fields)), st.randoms(use_true_random=False))
+    def check(words, rnd):
+        argv = [w for pair in words for w in pair] + ["--out", str(tmp_path_factory.mktemp("fuzz_out"))]
+        loaded, real = [], ilora.load_model
+        ilora.load_model = lambda *a: loaded.append(1) or real(*a)
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                res = ilora.main(argv)
+            assert res["R"] and loaded  # a completed run
+        except SystemExit as e:
+            lines = [l for l in err.getvalue().splitlines() if l.startswith("error:")]
+            assert len(lines) == 1, (argv, err.getvalue())
+            if e.code == 2:
+                assert not loaded, (argv, lines)  # bad input is found before the model loads
+            else:  # a valid setting that diverges (lr 1e30, say) stops with the non-finite-loss line
+                assert e.code == 1 and "non-finite loss" in lines[0], (argv, lines)
+        finally:
+            ilora.load_model = real
+    check()
