@@ -16,7 +16,7 @@ After every task all tasks are scored, filling R[t][i] (row 0 = the base model);
     python ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC,ScienceQA --method replay
     python ilora.py --help                               # every option with its default
 """
-import contextlib, dataclasses, difflib, hashlib, importlib.util, json, math, os, pathlib, random, re, signal, sys, time
+import contextlib, dataclasses, difflib, hashlib, importlib.util, itertools, json, math, os, pathlib, random, re, signal, sys, time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -72,12 +72,14 @@ class Config:
     eval_batch_size: int = opt(32, "prompts per generation batch")
     max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
     metric: str = opt("", "per-task score overrides, e.g. 'MyTask=rouge_l,Other=em'")
+    rescore: str = opt("", "an --out folder of a finished run: recompute its R and metrics from its saved "
+                           "predictions (with --metric's scorers, else the run's own); loads no model")
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
     log_every: int = opt(10, "steps between log lines")
 
 # Settings that may change on --resume: none of them can change a number of the result.
-RESUMABLE = {"out", "overwrite", "resume", "log_every"}
+RESUMABLE = {"out", "overwrite", "resume", "log_every", "rescore"}
 
 def result_changing(saved, cfg):
     """Names of the settings in which cfg differs from a saved config.json in a way that changes the result."""
@@ -536,6 +538,72 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation and metrics.
 
+# TRACE's own scores (BeyonderXX/TRACE: metrics.py, evaluations/eval_*.py), rebuilt exactly on the raw decoded text:
+# nothing is stripped, and an empty prediction scores 0 (except in SARI, which TRACE scores as it is).
+
+def rouge_l(pred, answer):
+    """ROUGE-L "f" of the `rouge` package as TRACE calls it, get_scores(answer, pred): text cut into sentences at
+    '.', words split on ' ' and counted as distinct words (exclusive), F = 2PR / (P + R + 1e-8)."""
+    hyp, ref = ([" ".join(x.split()) for x in text.split(".") if x] for text in (answer, pred))
+    if not hyp or not ref:  # empty, or only dots (the package raises there)
+        return 0.0
+    def lcs_words(x, y):  # the words on the LCS that the package's traceback picks (ties step along y)
+        t = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+        for i, j in itertools.product(range(1, len(x) + 1), range(1, len(y) + 1)):
+            t[i][j] = t[i - 1][j - 1] + 1 if x[i - 1] == y[j - 1] else max(t[i - 1][j], t[i][j - 1])
+        i, j, out = len(x), len(y), set()
+        while i and j:
+            if x[i - 1] == y[j - 1]:
+                out.add(x[i - 1]); i, j = i - 1, j - 1
+            elif t[i - 1][j] > t[i][j - 1]:
+                i -= 1
+            else:
+                j -= 1
+        return out
+    hits = len(set().union(*(lcs_words(r.split(" "), h.split(" ")) for r in ref for h in hyp)))
+    r, p = (hits / len({w for x in sents for w in x.split(" ")}) for sents in (ref, hyp))
+    return 2.0 * ((p * r) / (p + r + 1e-8))
+
+def py150_ratio(pred, answer):
+    """fuzzywuzzy's fuzz.ratio / 100 with its pure-Python backend (difflib; TRACE installs no python-Levenshtein),
+    after TRACE's Py150 clean-up of both texts: literal placeholders back to their values, one at a time."""
+    def clean(code):
+        code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+        for kind, text in re.findall(r"<(STR|NUM|CHAR)_LIT:(.*?)>", code, re.S):
+            code = code.replace(f"<{kind}_LIT:{text}>", text)
+        return code
+    p, a = clean(pred), clean(answer)
+    return round(100 * difflib.SequenceMatcher(None, p, a).ratio()) / 100 if p and a else 0.0  # fuzz rounds
+
+TOK_13A = [(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 "), (r"([^0-9])([\.,])", r"\1 \2 "),
+           (r"([\.,])([^0-9])", r" \1 \2"), (r"([0-9])(-)", r"\1 \2 ")]
+
+def tokenize_13a(line):
+    """sacrebleu's 13a tokenizer (mteval-v13a), which Hugging Face's SARI applies to lower-cased text."""
+    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
+        line = line.replace(entity, char)
+    for pattern, repl in TOK_13A:
+        line = re.sub(pattern, repl, f" {line} ")
+    return line.split()
+
+def sari(source, pred, answer):
+    """SARI (Xu et al., 2016) as Hugging Face's metric computes it, / 100, with one reference and the whole prompt
+    as the source: keep and delete on n-gram counts, add on n-gram sets, every 0/0 = 1; mean of n = 1..4."""
+    f1 = lambda p, r: 2 * p * r / (p + r) if p + r else 0.0
+    words = [tokenize_13a(t.lower()) or [""] for t in (source, pred, answer)]  # "" is one empty word there
+    total = 0.0
+    for n in range(1, 5):
+        s, c, r = (Counter(" ".join(w[i: i + n]) for i in range(len(w) - n + 1)) for w in words)
+        kept, kept_good, keep_all, dele, dele_good = s & c, s & c & r, s & r, s - c, s - c - r
+        keep_p = sum(kept_good[g] / kept[g] for g in kept_good) / len(kept) if kept else 1.0
+        keep_r = sum(kept_good.values()) / sum(keep_all.values()) if keep_all else 1.0
+        del_p = sum(dele_good[g] / dele[g] for g in dele_good) / len(dele) if dele else 1.0
+        add, add_all = set(c) - set(s), set(r) - set(s)
+        total += f1(keep_p, keep_r) + del_p + f1(len(add & add_all) / len(add) if add else 1.0,
+                                                 len(add & add_all) / len(add_all) if add_all else 1.0)
+    return total / 12
+
 def first_letter(s):
     """The first choice letter standing alone ('B', 'B.', 'Answer: C', '答案：A'); None if there is none."""
     m = re.search(r"\b[A-E]\b", s)
@@ -545,54 +613,20 @@ def first_number(s):
     m = re.search(r"-?\d+(?:,\d{3})*(?:\.\d+)?", s)
     return float(m.group(0).replace(",", "")) if m else None
 
-def lcs_len(a, b):
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev = 0
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
-
-def rouge_l(pred, ref):
-    """ROUGE-L F1 over lower-cased whitespace tokens."""
-    p, r = pred.lower().split(), ref.lower().split()
-    lcs = lcs_len(p, r)
-    return 0.0 if lcs == 0 else 2 * lcs / (len(p) + len(r))
-
-def sari(source, pred, ref):
-    """SARI (Xu et al., 2016) with one reference: mean over n = 1..4 of the add F1, keep F1 and delete precision,
-    on n-gram sets of lower-cased whitespace tokens. As in the original, an empty set scores 0."""
-    def grams(text, n):
-        w = text.lower().split()
-        return Counter(tuple(w[i: i + n]) for i in range(len(w) - n + 1))
-    def f1(p, r):
-        return 0.0 if p + r == 0 else 2 * p * r / (p + r)
-    def ratio(a, b):
-        return a / b if b else 0.0
-    scores = []
-    for n in range(1, 5):
-        s, o, r = grams(source, n), grams(pred, n), grams(ref, n)
-        add_o, add_r = set(o) - set(s), set(r) - set(s)
-        keep_o, keep_r = s & o, s & r
-        del_o, del_r = s - o, s - r
-        add = f1(ratio(len(add_o & add_r), len(add_o)), ratio(len(add_o & add_r), len(add_r)))
-        keep = f1(ratio(sum((keep_o & keep_r).values()), sum(keep_o.values())),
-                  ratio(sum((keep_o & keep_r).values()), sum(keep_r.values())))
-        dele = ratio(sum((del_o & del_r).values()), sum(del_o.values()))
-        scores.append((add + keep + dele) / 3)
-    return sum(scores) / len(scores)
-
-# Score functions: (prediction, reference answer, prompt) -> [0, 1].
+# Score functions: (prediction, reference answer, prompt) -> [0, 1]. TRACE's first, then lenient ones for users'
+# own tasks: stripped exact match, the first choice letter or the first number anywhere in the prediction.
 METRICS = {
+    "exact": lambda p, a, q: float(p != "" and p == a),
+    "first_char": lambda p, a, q: float(p != "" and a != "" and p[0] == a[0]),
+    "rouge_l": lambda p, a, q: rouge_l(p, a),
+    "py150": lambda p, a, q: py150_ratio(p, a),
+    "sari": lambda p, a, q: sari(q, p, a),
     "em": lambda p, a, q: float(p.strip() == a.strip()),
     "choice": lambda p, a, q: float(first_letter(p) is not None and first_letter(p) == first_letter(a)),
     "number": lambda p, a, q: float(first_number(p) is not None and first_number(p) == first_number(a)),
-    "rouge_l": lambda p, a, q: rouge_l(p, a),
-    "edit_sim": lambda p, a, q: difflib.SequenceMatcher(None, p.strip(), a.strip()).ratio(),
-    "sari": lambda p, a, q: sari(q, p, a),
 }
-TASK_METRICS = {"C-STANCE": "choice", "FOMC": "choice", "ScienceQA": "choice", "NumGLUE-cm": "number",
-                "NumGLUE-ds": "number", "MeetingBank": "rouge_l", "Py150": "edit_sim", "20Minuten": "sari"}
+TASK_METRICS = {"C-STANCE": "exact", "FOMC": "exact", "NumGLUE-cm": "exact", "NumGLUE-ds": "exact",
+                "ScienceQA": "first_char", "MeetingBank": "rouge_l", "Py150": "py150", "20Minuten": "sari"}
 
 def task_metrics(cfg, names):
     """Score name per task: --metric overrides, then the TRACE table, else exact match."""
@@ -630,9 +664,9 @@ def generate(model, tok, prompts, max_new_tokens, max_len, batch_size):
             answers[i] = tok.decode(out[row, T:], skip_special_tokens=True)
     return answers
 
-def evaluate(model, tok, tasks, metrics, cfg, gen_lens):
-    """Mean score of each task's eval split (cfg.eval_split), in task order. Tasks with the same generation length
-    share their generate() calls, so many small tasks cost a few full batches instead of a small batch each."""
+def predict(model, tok, tasks, cfg, gen_lens):
+    """{task: greedy answers to its cfg.eval_split prompts}. Tasks with the same generation length share their
+    generate() calls, so many small tasks cost a few full batches instead of a small batch each."""
     model_was_training = model.training
     model.eval()
     preds = {}
@@ -643,11 +677,12 @@ def evaluate(model, tok, tasks, metrics, cfg, gen_lens):
         for name in group:
             preds[name] = [next(answers) for _ in tasks[name][cfg.eval_split]]
     model.train(model_was_training)
-    row = []
-    for name, splits in tasks.items():
-        recs, score = splits[cfg.eval_split], METRICS[metrics[name]]
-        row.append(sum(score(p, r["answer"], r["prompt"]) for p, r in zip(preds[name], recs)) / len(recs))
-    return row
+    return preds
+
+def score(tasks, preds, metrics, split):
+    """One row of R: each task's mean score of its predictions, in task order."""
+    return [sum(METRICS[metrics[name]](p, r["answer"], r["prompt"]) for p, r in zip(preds[name], splits[split]))
+            / len(splits[split]) for name, splits in tasks.items()]
 
 def cl_metrics(R):
     """Continual-learning metrics of an accuracy matrix R of T + 1 rows and T columns, scores in [0, 1]:
@@ -714,6 +749,12 @@ def save_peft_adapter(model, layers, folder, learner, cfg):
         "fan_in_fan_out": layers[0].fan_in_fan_out, "base_model_name_or_path": cfg.model, "inference_mode": True})
     atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(lora_state_dict(model, learner), str(p)))
 
+def save_predictions(out, preds):
+    """Every greedy answer as a table (task, split, row of R, learner, index, prediction) in predictions.parquet,
+    which datasets, pandas and pyarrow read: any run can be re-scored later without a GPU (--rescore)."""
+    import pyarrow as pa, pyarrow.parquet as pq
+    atomic_write(pathlib.Path(out) / "predictions.parquet", lambda p: pq.write_table(pa.Table.from_pylist(preds), p))
+
 def save_checkpoint(out, layers, buffer, state, R):
     atomic_write(pathlib.Path(out) / "checkpoint.pt", lambda p: torch.save({
         "fast": [t.detach().cpu() for t in fast_tensors(layers)], "slow": [t.cpu() for t in slow_tensors(layers)],
@@ -763,9 +804,11 @@ def fingerprint(cfg, tasks):
             src = snapshot_download(src, local_files_only=True)
         files = sorted(p for p in pathlib.Path(src).iterdir() if p.name == "config.json" or
                        p.suffix in (".safetensors", ".bin"))
-    fp = {f"{name}/{split}": hashlib.sha256(json.dumps(recs).encode()).hexdigest()
-          for name, splits in tasks.items() for split, recs in splits.items()}
-    return {**fp, "model": hashlib.sha256(" ".join(map(file_sha256, files)).encode()).hexdigest()}
+    return {**data_fingerprint(tasks), "model": hashlib.sha256(" ".join(map(file_sha256, files)).encode()).hexdigest()}
+
+def data_fingerprint(tasks):
+    return {f"{name}/{split}": hashlib.sha256(json.dumps(recs).encode()).hexdigest()
+            for name, splits in tasks.items() for split, recs in splits.items()}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model loading and the run.
@@ -873,7 +916,7 @@ def run(cfg):
         if cfg.method == "ilora" else ["fast"]
     buffer = ReplayBuffer(cfg.buffer_size, cfg.seed)
     T = len(names)
-    state = {"done": 0, "step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0}  # done: tasks finished
+    state = {"done": 0, "step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0, "predictions": []}  # done: tasks
     R = {k: [None] * (T + 1) for k in learners}
     if cfg.resume:
         state, R = load_checkpoint(ck, layers, buffer)
@@ -883,9 +926,13 @@ def run(cfg):
         t0 = time.time()
         for learner in learners[:1] if t == 0 else learners:  # before training, every learner is the base model
             with use_learner(layers, learner):
-                R[learner][t] = evaluate(model, tok, tasks, metrics, cfg, gen_lens)
+                preds = predict(model, tok, tasks, cfg, gen_lens)
+            for k in learners if t == 0 else [learner]:
+                R[k][t] = score(tasks, preds, metrics, cfg.eval_split)
+                state["predictions"] += [{"task": n, "split": cfg.eval_split, "row": t, "learner": k, "index": i,
+                                          "prediction": p} for n, ps in preds.items() for i, p in enumerate(ps)]
+        save_predictions(out, state["predictions"])
         for learner in learners:
-            R[learner][0] = R[learners[0]][0]
             print(format_R(R[learner], names, learner))
         state["eval_s"] += time.time() - t0
 
@@ -916,6 +963,33 @@ def run(cfg):
                                                   for key in ("OP", "BWT", "FWT", "F")))
     return results
 
+def rescore(cfg):
+    """R and the metrics of the finished run in cfg.rescore, recomputed from its predictions.parquet with the
+    scorers of cfg.metric (else the run's own), and written to rescored.json there. No model is loaded."""
+    import pyarrow.parquet as pq
+    folder = pathlib.Path(cfg.rescore)
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+        preds = pq.read_table(folder / "predictions.parquet").to_pylist()
+    except Exception as e:
+        raise UsageError(f"--rescore {folder}: cannot read its config.json and predictions.parquet "
+                         f"({type(e).__name__})") from None
+    run_cfg = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
+    run_cfg.metric = cfg.metric or run_cfg.metric
+    tasks = load_tasks(run_cfg)
+    if changed := [k for k, v in data_fingerprint(tasks).items() if saved.get("fingerprint", {}).get(k) != v]:
+        raise UsageError(f"--rescore {folder}: the task data changed since the run ({', '.join(changed)})")
+    metrics, R = task_metrics(run_cfg, list(tasks)), {}
+    for p in preds:  # (learner, row) -> {task: predictions in index order}
+        R.setdefault(p["learner"], {}).setdefault(p["row"], {}).setdefault(p["task"], {})[p["index"]] = p["prediction"]
+    R = {k: [score(tasks, {n: [ps[n][i] for i in range(len(ps[n]))] for n in ps}, metrics, run_cfg.eval_split)
+             if (ps := rows.get(t)) else None for t in range(len(tasks) + 1)] for k, rows in R.items()}
+    results = {"tasks": list(tasks), "metrics_per_task": metrics, "R": R, "metrics": {k: cl_metrics(v) for k, v in R.items()}}
+    write_json(folder / "rescored.json", results)
+    for k in R:
+        print(format_R(R[k], list(tasks), k))
+    return results
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI: generated from Config.
 
@@ -940,7 +1014,7 @@ def main(argv=None):
     cfg = Config()
     try:
         cfg = parse_args(argv)
-        return run(cfg)
+        return rescore(cfg) if cfg.rescore else run(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

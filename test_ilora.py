@@ -3,6 +3,7 @@
     python -m pytest -q test_ilora.py
 """
 import contextlib, io, json, pathlib, subprocess, sys
+from collections import Counter
 
 import pytest
 import torch
@@ -317,28 +318,13 @@ def test_long_prompt_is_cut_from_the_left_and_answer_kept():
     assert len(ids) == 10 and n_prompt == 8
     assert tok.decode(ids[n_prompt:].tolist()) == "blue </s>" and tok.decode(ids[n_prompt - 1:n_prompt]) == "sky"
 
-def test_scores_on_hand_computed_cases():
+def test_lenient_scores_on_hand_computed_cases():
     M = ilora.METRICS
     assert M["choice"]("B. because", "B", "") == 1 and M["choice"]("The answer is C", "B", "") == 0
     assert M["choice"]("答案：A", "A", "") == 1
     assert M["number"]("It is 1,200 apples", "1200", "") == 1 and M["number"]("3.0", "3", "") == 1
     assert M["number"]("no idea", "3", "") == 0 and M["number"]("4 or 3", "3", "") == 0
     assert M["em"](" red ", "red", "") == 1 and M["em"]("red.", "red", "") == 0
-    # LCS("the cat sat on the mat", "the cat is on the mat") = the cat on the mat = 5; F1 = 2*5/(6+6)
-    assert M["rouge_l"]("the cat sat on the mat", "The cat is on the mat", "") == pytest.approx(10 / 12)
-    assert M["edit_sim"]("abcd", "abce", "") == pytest.approx(0.75)  # difflib: 2*3/8
-    # SARI's convention (Xu et al.): an empty add or delete set scores 0, so even a perfect copy of "a b" gets
-    # keep 1, add 0, delete 0 for n = 1, 2 and nothing for n = 3, 4: (1/3 + 1/3 + 0 + 0) / 4
-    assert M["sari"]("a b", "a b", "a b") == pytest.approx(1 / 6)
-
-def test_sari_hand_computed():
-    # source "a b c", prediction "a b d", reference "a c d". Unigrams only contribute for n = 1; higher orders
-    # give add = keep = del = 0 except where the sets are empty. n=1: add {d}&{d}: P=R=1 -> 1; keep {a,b}&{a,c}={a}:
-    # P=1/2, R=1/2 -> 1/2; delete {c} vs {b}: P=0. n=1 score (1 + 1/2 + 0)/3 = 1/2.
-    # n=2: src {ab,bc}, pred {ab,bd}, ref {ac,cd}: add {bd} vs {ac,cd}: 0; keep {ab} vs {}: P=0 -> 0;
-    # delete {bc} vs {ab,bc}: P = 1 -> score 1/3. n=3: src {abc}, pred {abd}, ref {acd}: add 0, keep 0,
-    # delete {abc} & {abc} = 1 -> 1/3. n=4: all empty -> 0.
-    assert ilora.sari("a b c", "a b d", "a c d") == pytest.approx((1 / 2 + 1 / 3 + 1 / 3 + 0) / 4)
 
 def test_evaluate_shares_generate_calls_by_length_and_keeps_each_task_s_answers(monkeypatch):
     # three tasks, two generation lengths: one generate() call per length, answers routed back to their tasks
@@ -351,15 +337,14 @@ def test_evaluate_shares_generate_calls_by_length_and_keeps_each_task_s_answers(
         calls.append((max_new_tokens, list(prompts)))
         return [given[p] for p in prompts]
     monkeypatch.setattr(ilora, "generate", fake_generate)
-    row = ilora.evaluate(torch.nn.Linear(1, 1), None, tasks, {"A": "em", "B": "em", "C": "em"}, ilora.Config(),
-                         {"A": 3, "B": 5, "C": 3})
-    assert row == [0.5, 1.0, 1.0]
+    preds = ilora.predict(torch.nn.Linear(1, 1), None, tasks, ilora.Config(), {"A": 3, "B": 5, "C": 3})
+    assert ilora.score(tasks, preds, {"A": "em", "B": "em", "C": "em"}, "test") == [0.5, 1.0, 1.0]
     assert calls == [(3, ["a1", "a2", "c1", "c2"]), (5, ["b1"])]
 
 def test_metric_choice_by_name_and_override():
-    cfg = ilora.Config(metric="colours=rouge_l")
-    assert ilora.task_metrics(cfg, ["FOMC", "Py150", "colours", "x"]) == {
-        "FOMC": "choice", "Py150": "edit_sim", "colours": "rouge_l", "x": "em"}
+    cfg = ilora.Config(metric="colours=rouge_l,ScienceQA=choice")
+    assert ilora.task_metrics(cfg, ["FOMC", "Py150", "ScienceQA", "colours", "x"]) == {
+        "FOMC": "exact", "Py150": "py150", "ScienceQA": "choice", "colours": "rouge_l", "x": "em"}
 
 def bad_input_cases(tmp_path):
     good = write_task(tmp_path / "good")
@@ -715,7 +700,7 @@ GOOD = {"method": ["ilora", "replay", "seq"], "r": ["2"], "alpha": ["8"], "dropo
         "max_train": ["0", "3", "1000000000"], "max_eval": ["0", "2"], "max_test": ["0", "2"], "eval_split": ["test", "eval"],
         "eval_learner": ["slow", "fast", "both"], "eval_batch_size": ["3", "1000000000"], "max_new_tokens": ["4"],
         "metric": ["", "t1=rouge_l"], "seed": ["0", "7"], "device": ["cpu", "auto"], "log_every": ["1", "1000000000"],
-        "targets": ["", "q_proj,v_proj"], "data_dir": [""]}
+        "targets": ["", "q_proj,v_proj"], "data_dir": [""], "rescore": [""]}
 # No huge epochs (a valid, endless run) and no huge max_new_tokens (valid; it only costs time).
 NO_HUGE = {"epochs", "max_new_tokens"}
 
@@ -759,3 +744,110 @@ def test_fuzzed_command_line_completes_or_exits_2_in_one_line_before_loading(tmp
         finally:
             ilora.load_model = real
     check()
+
+# ---- TRACE's scores, pinned to the reference packages ------------------------------------------------------------
+
+TRACE_DATA = pathlib.Path(__file__).resolve().parent.parent / "shared" / "data" / "trace_500"
+CORNER = [  # (prompt, prediction, answer)
+    ("a b c", "", "a b"), ("a b c", "a b", ""), ("", "", ""), ("x. y", "...", "x. y"), ("x", ". . .", "x."),
+    ("src", " ", "a. b"), ("s", "a.  . b", "a. b ."), ("s", "Hello.World", "hello. world"), ("s", "A", "a"),
+    ("p q r", "xyz qrs", "abc def"), ("Der Hund bellt laut.", "Der Hund bellt laut.", "Der Hund bellt."),
+    ("s", "a b a b", "b a b a"), ("s", "abbbbbbb", "accccccc"),  # fuzz 12.5 rounds to 12 (ties to even)
+    ("&quot;x&amp;y&lt;&gt; <skipped> 3.5 1,000 5-3 a-\nb", "&QUOT;X 3.5, 1,000.", "x & y 5 - 3\u00a0z"),
+    ("s", "<STR_LIT:<NUM_LIT:5>> <NUM_LIT:5> <STR_LIT> <NUM_LIT>", "5 5 0"), ("s", "x" * 300, "x" * 300),
+    ("s", "ab" * 150 + "c", "ab" * 150), ("s", "B\nBecause", "B\nA clause"), ("s", "\nB", "B"),
+    ("s", "f('<STR_LIT:a\nb>')", "f('a\nb')"), ("a b c d", "a b c d", "a b c d")]  # a literal over lines; pred = source
+
+def scorer_pairs():
+    """(prompt, prediction, answer): the corner cases, random texts, and when ../shared holds it, answers of
+    trace_500 test and eval records, each exact, truncated, swapped with the next one, shuffled and empty."""
+    import random
+    rng, out = random.Random(0), list(CORNER)
+    vocab = ["the", "The", "a", ".", ",", "1", "3.5", "-", "Hund", "über", "<NUM_LIT>", "<STR_LIT:x y>", "(", "'", "\n"]
+    texts = ["".join(rng.choice(vocab) + rng.choice(["", " ", " "]) for _ in range(rng.randint(0, 25))) for _ in range(120)]
+    out += [(texts[i], texts[i + 1], texts[i + 2]) for i in range(0, 117, 3)]
+    for task in sorted(p.name for p in TRACE_DATA.iterdir()) if TRACE_DATA.is_dir() else []:
+        recs = [r for f in ("test.json", "eval.json") for r in json.loads((TRACE_DATA / task / f).read_text())][::7][:30]
+        for i, rec in enumerate(recs):
+            q, a = rec["prompt"], rec["answer"]
+            words = a.split(" ")
+            rng.shuffle(words)
+            out += [(q, p, a) for p in (a, a[: len(a) // 2], recs[(i + 1) % len(recs)]["answer"], " ".join(words), "")]
+    return out
+
+def test_exact_and_first_char_are_trace_s_comparisons():
+    M = ilora.METRICS
+    for q, p, a in scorer_pairs():  # caculate_accuracy: prediction == target; ScienceQA compares first characters
+        assert M["exact"](p, a, q) == (0.0 if p == "" or a == "" else float(p == a))
+        assert M["first_char"](p, a, q) == (0.0 if p == "" or a == "" else float(p[0] == a[0]))
+    assert M["exact"]("A.", "A", "") == 0 and M["exact"](" A", "A", "") == 0 and M["first_char"]("B.", "B", "") == 1
+
+def test_rouge_l_equals_the_rouge_package_as_trace_calls_it():
+    from rouge import Rouge
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))  # its LCS traceback is recursive
+    for q, p, a in scorer_pairs():
+        try:
+            ref = Rouge(metrics=["rouge-l"]).get_scores(a, p, avg=True)["rouge-l"]["f"] if p and a else 0.0
+        except ValueError:  # a text of only dots: TRACE would crash there; we score 0
+            ref = 0.0
+        assert ilora.rouge_l(p, a) == pytest.approx(ref, abs=1e-9), (p[:80], a[:80])
+
+def test_py150_ratio_equals_fuzzywuzzy_after_trace_s_clean_up(monkeypatch):
+    import difflib, re
+    from fuzzywuzzy import fuzz
+    monkeypatch.setattr(fuzz, "SequenceMatcher", difflib.SequenceMatcher)  # TRACE's backend: no python-Levenshtein
+    def clean(code):  # TRACE's eval_Py150.postprocess, restated
+        code = code.replace("<NUM_LIT>", "0").replace("<STR_LIT>", "").replace("<CHAR_LIT>", "")
+        for m in re.compile(r"<(STR|NUM|CHAR)_LIT:(.*?)>", re.S).findall(code):
+            code = code.replace("<%s_LIT:%s>" % m, m[1])
+        return code
+    for q, p, a in scorer_pairs():
+        ref = fuzz.ratio(clean(p), clean(a)) / 100 if clean(p) and clean(a) else 0.0
+        assert ilora.py150_ratio(p, a) == pytest.approx(ref, abs=1e-9), (p[:80], a[:80])
+
+def hf_sari(source, pred, refs, tok):
+    """SARIsent of Hugging Face's `sari` metric script (lower-cased, 13a-tokenised text), restated."""
+    def grams(sent, n):
+        w = sent.split(" ")
+        return [" ".join(w[i:i + n]) for i in range(len(w) - n + 1)]
+    src, prd, rfs = tok(source.lower()), tok(pred.lower()), [tok(r.lower()) for r in refs]
+    keep = dele = add = 0.0
+    for n in range(1, 5):
+        r = Counter(g for rs in rfs for g in grams(rs, n))
+        s = Counter({g: k * len(rfs) for g, k in Counter(grams(src, n)).items()})
+        c = Counter({g: k * len(rfs) for g, k in Counter(grams(prd, n)).items()})
+        kc, kg, ka = s & c, (s & c) & r, s & r
+        kp = sum(kg[g] / kc[g] for g in kg) / len(kc) if len(kc) > 0 else 1
+        kr = sum(kg.values()) / sum(ka.values()) if len(ka) > 0 else 1
+        keep += 2 * kp * kr / (kp + kr) if kp > 0 or kr > 0 else 0
+        dc, dg = s - c, (s - c) - r
+        dele += sum(dg[g] / dc[g] for g in dg) / len(dc) if len(dc) > 0 else 1
+        ac, aa = set(c) - set(s), set(r) - set(s)
+        ap, ar = (len(ac & set(r)) / len(ac) if ac else 1), (len(ac & set(r)) / len(aa) if aa else 1)
+        add += 2 * ap * ar / (ap + ar) if ap > 0 or ar > 0 else 0
+    return (keep / 4 + dele / 4 + add / 4) / 3
+
+def test_sari_and_13a_equal_hugging_face_s_metric_with_sacrebleu_s_tokenizer():
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+    tok = Tokenizer13a()
+    card = hf_sari("About 95 species are currently accepted .", "About 95 you now get in .",
+                   ["About 95 species are currently known .", "About 95 species are now accepted .",
+                    "95 species are now accepted ."], tok)
+    assert 100 * card == pytest.approx(26.953601953601954, abs=1e-9)  # the restatement gives the metric card's value
+    for q, p, a in scorer_pairs():
+        for text in (q, p, a, q.lower()):
+            assert " ".join(ilora.tokenize_13a(text)) == tok(text)
+        assert ilora.sari(q, p, a) == pytest.approx(hf_sari(q, p, [a], tok), abs=1e-9)
+
+def test_predictions_are_saved_and_rescoring_reproduces_R(tmp_path, model_dir):
+    import pyarrow.parquet as pq
+    t1, t2 = write_task(tmp_path / "t1"), write_task(tmp_path / "t2", colour="blue")
+    res = ilora.main(base_args(model_dir, tmp_path, "--tasks", f"{t1},{t2}", "--eval-learner", "both"))
+    preds = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pylist()
+    assert len(preds) == 2 * 3 * 2 * 8  # learners x rows of R x tasks x test records
+    assert set(preds[0]) == {"task", "split", "row", "learner", "index", "prediction"}
+    again = ilora.main(["--rescore", str(tmp_path / "out")])
+    assert again["R"] == res["R"] and again["metrics"] == res["metrics"]
+    other = ilora.main(["--rescore", str(tmp_path / "out"), "--metric", "t1=rouge_l,t2=exact"])
+    assert other["metrics_per_task"] == {"t1": "rouge_l", "t2": "exact"}
+    assert json.loads((tmp_path / "out" / "rescored.json").read_text())["R"] == other["R"]
