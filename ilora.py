@@ -76,6 +76,8 @@ class Config:
                            "predictions (with --metric's scorers, else the run's own); loads no model")
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
+    compile: bool = opt(True, "on a GPU: torch.compile the transformer blocks, and generate with a static KV "
+                              "cache that transformers compiles")
     log_every: int = opt(10, "steps between log lines")
 
 # Settings that may change on --resume: none of them can change a number of the result.
@@ -155,7 +157,7 @@ class LoRALayer(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         self.register_buffer("slow_A", self.lora_A.weight.detach().clone())
         self.register_buffer("slow_B", self.lora_B.weight.detach().clone())
-        self.learner, self.merged = "fast", False
+        self.learner, self.merged = "fast", None  # merged: the learner folded into W, if any
 
     def factors(self, learner=None):
         """(A, B) of `learner`, by default the one switched in."""
@@ -163,26 +165,29 @@ class LoRALayer(nn.Module):
             return self.slow_A, self.slow_B
         return self.lora_A.weight, self.lora_B.weight
 
-    def delta_weight(self):
-        """(alpha / r) B A of the active learner, laid out like base_layer.weight."""
-        A, B = self.factors()
+    def delta_weight(self, learner=None):
+        """(alpha / r) B A of `learner` (by default the one switched in), laid out like base_layer.weight."""
+        A, B = self.factors(learner)
         delta = self.scaling * (B @ A)  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
-    def merge(self):
-        """Fold the active learner into the frozen weight (for export or fast inference); the forward then skips it."""
-        if not self.merged:
-            self.base_layer.weight.data += self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = True
+    def merge(self, learner=None):
+        """Fold `learner` into the frozen weight, rounded once to its dtype; the forward then skips the factors.
+        A copy of W is kept, so unmerge() restores it bit for bit (W + delta - delta would not, in bf16)."""
+        if self.merged is None:
+            w = self.base_layer.weight
+            self.unmerged_weight = w.detach().clone()
+            w.data.copy_(w.float() + self.delta_weight(learner))
+            self.merged = learner or self.learner
 
     def unmerge(self):
-        if self.merged:
-            self.base_layer.weight.data -= self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = False
+        if self.merged is not None:
+            self.base_layer.weight.data.copy_(self.unmerged_weight)
+            self.unmerged_weight = self.merged = None
 
     def forward(self, x):
         out = self.base_layer(x)
-        if self.merged:
+        if self.merged is not None:
             return out
         A, B = self.factors()
         if self.learner == "fast":
@@ -454,6 +459,13 @@ def slow_block_outputs(blocks, layers, ids, mask):
         blocks.train(was_training)
     return h
 
+def compile_blocks(model):
+    """torch.compile the forward of each transformer block: the blocks share their code, so one compilation serves
+    all of them, and a small model's step stops paying Python for each of its many small kernels. The forward hooks
+    stay outside the compiled code; the fast/slow switch inside it is compiled once for each learner."""
+    for block in transformer_blocks(model.base_model):
+        block.forward = torch.compile(block.forward)
+
 # ----------------------------------------------------------------------------------------------------------------
 # One training step: sample buffer -> slow forward -> fast forward -> CE + gamma * consistency -> step -> interpolate.
 
@@ -644,38 +656,62 @@ def task_metrics(cfg, names):
     return chosen
 
 @torch.no_grad()
-def generate(model, tok, prompts, max_new_tokens, max_len, batch_size):
-    """Greedy answers to prompts: batched, left-padded, KV cache; prompts sorted by length to waste little padding."""
-    encoded = [tok(p, add_special_tokens=True)["input_ids"][-(max_len - max_new_tokens):] for p in prompts]
+@contextlib.contextmanager
+def merged(model, learner):
+    """Run the bare HF model with `learner` folded into its weights: each LoRALayer merges and steps out of the
+    model, so generation pays nothing for the wrappers; on exit they step back in and W is restored exactly."""
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+    for name, m in wrapped:
+        m.merge(learner)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, m.base_layer)
+    try:
+        yield
+    finally:
+        for name, m in wrapped:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, m)
+            m.unmerge()
+
+@torch.no_grad()
+def generate(model, tok, prompts, max_new_tokens, max_len, batch_size, static=False):
+    """Greedy answers to prompts: batched, left-padded, KV cache; prompts sorted by length to waste little padding.
+    static: every batch has batch_size rows of max_len - max_new_tokens prompt tokens, and the KV cache is a static
+    one, which transformers compiles on a GPU. One shape means one compilation (each new shape compiles again, for
+    up to a minute), and padding costs little: only the prompt's single forward is longer."""
+    width = max_len - max_new_tokens
+    encoded = [tok(p, add_special_tokens=True)["input_ids"][-width:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     answers = [None] * len(prompts)
     for b in range(0, len(order), batch_size):
         idx = order[b: b + batch_size]
-        T = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), T), tok.pad_token_id, dtype=torch.long)
+        rows, T = (idx + idx[-1:] * (batch_size - len(idx)), width) if static else \
+            (idx, max(len(encoded[i]) for i in idx))
+        ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
+        for row, i in enumerate(rows):
             ids[row, T - len(encoded[i]):], mask[row, T - len(encoded[i]):] = torch.tensor(encoded[i]), 1
-        with autocast(model.device):
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, cache_implementation="static" if static else None)
         for row, i in enumerate(idx):
             answers[i] = tok.decode(out[row, T:], skip_special_tokens=True)
     return answers
 
-def predict(model, tok, tasks, cfg, gen_lens):
-    """{task: greedy answers to its cfg.eval_split prompts}. Tasks with the same generation length share their
-    generate() calls, so many small tasks cost a few full batches instead of a small batch each."""
+def predict(model, tok, tasks, cfg, gen_lens, learner):
+    """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Tasks with the same generation length
+    share their generate() calls, so many small tasks cost a few full batches instead of a small batch each."""
     model_was_training = model.training
     model.eval()
     preds = {}
-    for n_new in sorted(set(gen_lens.values())):
-        group = [name for name in tasks if gen_lens[name] == n_new]
-        answers = iter(generate(model, tok, [r["prompt"] for name in group for r in tasks[name][cfg.eval_split]],
-                                n_new, cfg.max_len, cfg.eval_batch_size))
-        for name in group:
-            preds[name] = [next(answers) for _ in tasks[name][cfg.eval_split]]
+    with merged(model, learner):
+        for n_new in sorted(set(gen_lens.values())):
+            group = [name for name in tasks if gen_lens[name] == n_new]
+            answers = iter(generate(model, tok, [r["prompt"] for name in group for r in tasks[name][cfg.eval_split]],
+                                    n_new, cfg.max_len, cfg.eval_batch_size, static=cfg.compile and
+                                    model.device.type == "cuda"))
+            for name in group:
+                preds[name] = [next(answers) for _ in tasks[name][cfg.eval_split]]
     model.train(model_was_training)
     return preds
 
@@ -906,6 +942,8 @@ def run(cfg):
     layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
     if cfg.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile and device.type == "cuda":
+        compile_blocks(model)
     n_lora = sum(p.numel() for p in fast_tensors(layers))
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{len(layers)} LoRA layers, {n_lora / 1e6:.3f}M trainable, on {device}")
@@ -925,8 +963,7 @@ def run(cfg):
     def score_row(t):
         t0 = time.time()
         for learner in learners[:1] if t == 0 else learners:  # before training, every learner is the base model
-            with use_learner(layers, learner):
-                preds = predict(model, tok, tasks, cfg, gen_lens)
+            preds = predict(model, tok, tasks, cfg, gen_lens, learner)
             for k in learners if t == 0 else [learner]:
                 R[k][t] = score(tasks, preds, metrics, cfg.eval_split)
                 state["predictions"] += [{"task": n, "split": cfg.eval_split, "row": t, "learner": k, "index": i,

@@ -851,3 +851,38 @@ def test_predictions_are_saved_and_rescoring_reproduces_R(tmp_path, model_dir):
     other = ilora.main(["--rescore", str(tmp_path / "out"), "--metric", "t1=rouge_l,t2=exact"])
     assert other["metrics_per_task"] == {"t1": "rouge_l", "t2": "exact"}
     assert json.loads((tmp_path / "out" / "rescored.json").read_text())["R"] == other["R"]
+
+# ---- fast evaluation: merged learners, static cache --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_then_unmerge_restores_the_base_weights_bit_for_bit(dtype):
+    model = tiny_model("llama").to(dtype)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = ilora.inject_lora(model, r=4, alpha=8)
+    randomize_lora(layers, seed=1, which="fast")
+    randomize_lora(layers, seed=2, which="slow")
+    for layer in layers:
+        layer.merge("slow")
+        assert not torch.equal(layer.base_layer.weight, layer.unmerged_weight)
+        layer.learner = "fast"  # switching learners while merged must not change what unmerge takes back
+        layer.unmerge()
+    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k and "slow_" not in k}
+    assert all(torch.equal(after[k], base[k]) for k in base)
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merged_and_static_generation_give_today_s_answers(kind):
+    model, tok = tiny_model(kind), tiny_tokenizer()
+    layers = ilora.inject_lora(model, r=4, alpha=8)
+    randomize_lora(layers, seed=1, which="fast")
+    randomize_lora(layers, seed=2, which="slow")
+    prompts = ["what colour is the sky", "the cat", "a dog is", "what is the answer of the question", "sun"]
+    for learner in ("fast", "slow"):
+        with ilora.use_learner(layers, learner):  # the former path: the wrappers run at every decoding step
+            before = ilora.generate(model, tok, prompts, 6, max_len=16, batch_size=2)
+        with ilora.merged(model, learner):
+            assert not any(isinstance(m, ilora.LoRALayer) for m in model.modules())
+            merged = ilora.generate(model, tok, prompts, 6, max_len=16, batch_size=2)
+            static = ilora.generate(model, tok, prompts, 6, max_len=16, batch_size=4, static=True)
+        assert merged == before and static == before, learner
+        assert sum(isinstance(m, ilora.LoRALayer) for m in model.modules()) == len(layers)
+    assert len(set(before)) > 1  # the answers are not all the same string

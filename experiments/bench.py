@@ -20,7 +20,14 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
-import ilora
+if "--ilora" in sys.argv:  # another ilora.py (an earlier version, say), to time both on the same card
+    import importlib.util
+    _spec = importlib.util.spec_from_file_location("ilora", sys.argv[sys.argv.index("--ilora") + 1])
+    ilora = importlib.util.module_from_spec(_spec)
+    sys.modules["ilora"] = ilora
+    _spec.loader.exec_module(ilora)
+else:
+    import ilora
 
 # Random-weight models from the configs of real architectures (no weights needed).
 ARCHS = {
@@ -189,17 +196,28 @@ def time_eval(model, tok, layers, args, device, gen):
     if not isinstance(tok, IdTokenizer):
         prompts = [tok.decode(p) for p in prompts]
     model.eval()
-    with ilora.use_learner(layers, "slow"):
-        ilora.generate(model, tok, prompts[:2], 2, args.row_len, args.eval_batch)  # warm-up
-        sync(device); t0 = time.perf_counter()
-        answers = ilora.generate(model, tok, prompts, args.gen_tokens, args.row_len, args.eval_batch)
-        sync(device); secs = time.perf_counter() - t0
+    static = args.compile and device.type == "cuda"
+    if hasattr(ilora, "merged"):  # the learner folded into the weights; static cache and compilation on a GPU
+        scoring = lambda: ilora.merged(model, "slow")
+        gen = lambda ps, n: ilora.generate(model, tok, ps, n, args.row_len, args.eval_batch, static=static)
+    else:  # an earlier ilora.py: the LoRA wrappers run at every decoding step
+        scoring = lambda: ilora.use_learner(layers, "slow")
+        gen = lambda ps, n: ilora.generate(model, tok, ps, n, args.row_len, args.eval_batch)
+    times = []
+    with scoring():
+        for _ in range(args.eval_repeats + 1):  # the first pass includes any compilation: reported apart
+            sync(device); t0 = time.perf_counter()
+            answers = gen(prompts, args.gen_tokens)
+            sync(device); times.append(time.perf_counter() - t0)
+    first, secs = times[0], statistics.median(times[1:])
     model.train()
     count = (lambda a: len(a.split())) if isinstance(tok, IdTokenizer) else \
         (lambda a: len(tok(a, add_special_tokens=False)["input_ids"]))
     n_gen = sum(count(a) for a in answers)
     return {"prompts": n, "prompt_tokens": T, "max_new_tokens": args.gen_tokens, "batch": args.eval_batch,
-            "seconds": round(secs, 3), "generated_tokens": n_gen, "generated_tokens_per_s": round(n_gen / secs, 1)}
+            "seconds": round(secs, 3), "seconds_all": [round(t, 3) for t in times[1:]], "first_seconds": round(first, 3),
+            "static_compiled": static and hasattr(ilora, "merged"), "generated_tokens": n_gen,
+            "generated_tokens_per_s": round(n_gen / secs, 1)}
 
 def run_method(name, method, args, device, current, replay, ckpt, rate):
     torch.manual_seed(args.seed)
@@ -217,6 +235,8 @@ def run_method(name, method, args, device, current, replay, ckpt, rate):
         fast, slow = ilora.fast_tensors(layers), ilora.slow_tensors(layers)
         opt = torch.optim.AdamW(fast, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+        if args.compile and device.type == "cuda" and hasattr(ilora, "compile_blocks"):
+            ilora.compile_blocks(model)
         step = lambda k: ilora.train_step(model, layers, opt, sched, current, rep, cfg, k)
     fast0, slow0 = [t.detach().clone() for t in fast], [t.detach().clone() for t in slow]
     big = shape["n_params"] > 3e9
@@ -357,6 +377,10 @@ def main(argv=None):
     p.add_argument("--matmul-n", type=int, default=8192)
     p.add_argument("--no-sync-check", action="store_true", help="skip the extra ilora step in sync debug mode")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="ilora.compile_blocks for the step, static cache for the eval pass (GPU, new ilora.py only)")
+    p.add_argument("--eval-repeats", type=int, default=3, help="timed eval passes after the first")
+    p.add_argument("--ilora", help="path of another ilora.py to time instead of ../ilora.py")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", default="runs/bench.json")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny llama, rows of 64, 3 steps, asserts")
