@@ -333,11 +333,13 @@ def test_evaluate_shares_generate_calls_by_length_and_keeps_each_task_s_answers(
              "C": {"test": [{"prompt": "c1", "answer": "z"}, {"prompt": "c2", "answer": "z"}]}}
     given = {"a1": "x", "a2": "no", "b1": "x", "c1": "z", "c2": "z"}
     calls = []
-    def fake_generate(model, tok, prompts, max_new_tokens, max_len, batch_size):
+    def fake_generate(model, tok, prompts, max_new_tokens, max_len, batch_size, static):
         calls.append((max_new_tokens, list(prompts)))
         return [given[p] for p in prompts]
     monkeypatch.setattr(ilora, "generate", fake_generate)
-    preds = ilora.predict(torch.nn.Linear(1, 1), None, tasks, ilora.Config(), {"A": 3, "B": 5, "C": 3})
+    stand_in = torch.nn.Linear(1, 1)
+    stand_in.device = torch.device("cpu")
+    preds = ilora.predict(stand_in, None, tasks, ilora.Config(), {"A": 3, "B": 5, "C": 3}, "fast")
     assert ilora.score(tasks, preds, {"A": "em", "B": "em", "C": "em"}, "test") == [0.5, 1.0, 1.0]
     assert calls == [(3, ["a1", "a2", "c1", "c2"]), (5, ["b1"])]
 
