@@ -665,9 +665,13 @@ def merged(model, learner):
         m.merge(learner)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, m.base_layer)
+    # compile_blocks' forwards are for training: in generate they would recompile for each layer's cache state
+    compiled = {b: b.__dict__.pop("forward") for b in model.modules() if "forward" in b.__dict__}
     try:
         yield
     finally:
+        for b, forward in compiled.items():
+            b.forward = forward
         for name, m in wrapped:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, m)
