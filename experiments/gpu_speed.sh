@@ -5,6 +5,7 @@
 #   bash experiments/gpu_speed.sh old     # bench.py on the baseline ilora.py (.baseline/ilora.py), then --no-compile
 #   bash experiments/gpu_speed.sh check   # compile_check.py: 50 steps eager and compiled, losses side by side
 #   bash experiments/gpu_speed.sh e2e     # one TRACE-8 ilora run, baseline then this ilora.py, each alone
+#                                         (VERSIONS=new or VERSIONS=baseline for one of them)
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 M=/root/ilora-model/smollm2-135m-instruct; D=/root/ilora-data/trace_500
@@ -20,7 +21,7 @@ case "$1" in
          $B --models smollm2 --eval-batch 100 --no-compile --out "$OUT/bench_nocompile.json" 2>&1 | tee "$OUT/bench_nocompile.log" ;;
   check) python3 experiments/compile_check.py --model $M --data-dir $D --out "$OUT/compile_check.json" \
            2>&1 | tee "$OUT/compile_check.log" ;;
-  e2e)   for v in baseline new; do
+  e2e)   for v in ${VERSIONS:-baseline new}; do
            src=ilora.py; [ $v = baseline ] && src=.baseline/ilora.py
            /usr/bin/time -f "$v wall %e s" python3 $src $T8 --out /tmp/e2e_$v --overwrite > "$OUT/e2e_$v.log" 2>&1 || true
            tail -n 3 "$OUT/e2e_$v.log"
