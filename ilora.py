@@ -76,8 +76,8 @@ class Config:
                            "predictions (with --metric's scorers, else the run's own); loads no model")
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
-    compile: bool = opt(True, "on a GPU: torch.compile the transformer blocks, and generate with a static KV "
-                              "cache that transformers compiles")
+    compile: bool = opt(False, "on a GPU: torch.compile the transformer blocks for training (off by default: "
+                               "on TRACE-8 the recompilations for new row lengths cost more than they saved)")
     log_every: int = opt(10, "steps between log lines")
 
 # Settings that may change on --resume: none of them can change a number of the result.
@@ -712,8 +712,7 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
         for n_new in sorted(set(gen_lens.values())):
             group = [name for name in tasks if gen_lens[name] == n_new]
             answers = iter(generate(model, tok, [r["prompt"] for name in group for r in tasks[name][cfg.eval_split]],
-                                    n_new, cfg.max_len, cfg.eval_batch_size, static=cfg.compile and
-                                    model.device.type == "cuda"))
+                                    n_new, cfg.max_len, cfg.eval_batch_size, static=model.device.type == "cuda"))
             for name in group:
                 preds[name] = [next(answers) for _ in tasks[name][cfg.eval_split]]
     model.train(model_was_training)
