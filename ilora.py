@@ -73,7 +73,8 @@ class Config:
     max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
     metric: str = opt("", "per-task score overrides, e.g. 'MyTask=rouge_l,Other=em'")
     rescore: str = opt("", "an --out folder of a finished run: recompute its R and metrics from its saved "
-                           "predictions (with --metric's scorers, else the run's own); loads no model")
+                           "predictions (with --metric's scorers, else the run's own; --data-dir if its data moved, "
+                           "checked by fingerprint); loads no model")
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
     compile: bool = opt(False, "on a GPU: torch.compile the transformer blocks for training (off by default: "
@@ -608,9 +609,9 @@ def sari(source, pred, answer):
     for n in range(1, 5):
         s, c, r = (Counter(" ".join(w[i: i + n]) for i in range(len(w) - n + 1)) for w in words)
         kept, kept_good, keep_all, dele, dele_good = s & c, s & c & r, s & r, s - c, s - c - r
-        keep_p = sum(kept_good[g] / kept[g] for g in kept_good) / len(kept) if kept else 1.0
+        keep_p = math.fsum(kept_good[g] / kept[g] for g in kept_good) / len(kept) if kept else 1.0
         keep_r = sum(kept_good.values()) / sum(keep_all.values()) if keep_all else 1.0
-        del_p = sum(dele_good[g] / dele[g] for g in dele_good) / len(dele) if dele else 1.0
+        del_p = math.fsum(dele_good[g] / dele[g] for g in dele_good) / len(dele) if dele else 1.0
         add, add_all = set(c) - set(s), set(r) - set(s)
         total += f1(keep_p, keep_r) + del_p + f1(len(add & add_all) / len(add) if add else 1.0,
                                                  len(add & add_all) / len(add_all) if add_all else 1.0)
@@ -719,8 +720,9 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
     return preds
 
 def score(tasks, preds, metrics, split):
-    """One row of R: each task's mean score of its predictions, in task order."""
-    return [sum(METRICS[metrics[name]](p, r["answer"], r["prompt"]) for p, r in zip(preds[name], splits[split]))
+    """One row of R: each task's mean score of its predictions, in task order. fsum: exactly rounded, so a re-score
+    gives the same R on any Python (3.12's sum() compensates, 3.11's does not)."""
+    return [math.fsum(METRICS[metrics[name]](p, r["answer"], r["prompt"]) for p, r in zip(preds[name], splits[split]))
             / len(splits[split]) for name, splits in tasks.items()]
 
 def cl_metrics(R):
@@ -1015,7 +1017,7 @@ def rescore(cfg):
         raise UsageError(f"--rescore {folder}: cannot read its config.json and predictions.parquet "
                          f"({type(e).__name__})") from None
     run_cfg = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
-    run_cfg.metric = cfg.metric or run_cfg.metric
+    run_cfg.metric, run_cfg.data_dir = cfg.metric or run_cfg.metric, cfg.data_dir or run_cfg.data_dir  # same data:
     tasks = load_tasks(run_cfg)
     if changed := [k for k, v in data_fingerprint(tasks).items() if saved.get("fingerprint", {}).get(k) != v]:
         raise UsageError(f"--rescore {folder}: the task data changed since the run ({', '.join(changed)})")
