@@ -77,8 +77,6 @@ class Config:
                            "checked by fingerprint); loads no model")
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
-    compile: bool = opt(False, "on a GPU: torch.compile the transformer blocks for training (off by default: "
-                               "on TRACE-8 the recompilations for new row lengths cost more than they saved)")
     log_every: int = opt(10, "steps between log lines")
 
 # Settings that may change on --resume: none of them can change a number of the result.
@@ -298,14 +296,11 @@ class ReplayBuffer:
         return [self.items[i][:2] for i in idx]
 
     def state_dict(self):
-        return {"capacity": self.capacity, "seen": self.seen, "gen": self.gen.get_state(),
-                "ids": [i for i, _, _ in self.items], "n_prompt": [p for _, p, _ in self.items],
-                "task": [t for _, _, t in self.items]}
+        return {"capacity": self.capacity, "seen": self.seen, "gen": self.gen.get_state(), "items": self.items}
 
     def load_state_dict(self, s):
-        self.capacity, self.seen = s["capacity"], s["seen"]
+        self.capacity, self.seen, self.items = s["capacity"], s["seen"], [tuple(item) for item in s["items"]]
         self.gen.set_state(s["gen"])
-        self.items = list(zip(s["ids"], s["n_prompt"], s["task"]))
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: tasks are lists of {"prompt", "answer"} records in train / eval / test splits.
@@ -460,12 +455,35 @@ def slow_block_outputs(blocks, layers, ids, mask):
         blocks.train(was_training)
     return h
 
-def compile_blocks(model):
-    """torch.compile the forward of each transformer block: the blocks share their code, so one compilation serves
-    all of them, and a small model's step stops paying Python for each of its many small kernels. The forward hooks
-    stay outside the compiled code; the fast/slow switch inside it is compiled once for each learner."""
-    for block in transformer_blocks(model.base_model):
-        block.forward = torch.compile(block.forward)
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): data-parallel over the fast learner. In one process RANK is 0 of WORLD 1, and the
+# few lines marked "torchrun" below do nothing.
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+def init_distributed(device):
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); each process takes the GPU of its LOCAL_RANK."""
+    if WORLD > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if RANK:
+            sys.stdout = open(os.devnull, "w")  # one log: rank 0's (errors still come from every rank)
+    return device
+
+def shard(rows):
+    """This process's contiguous share of a global batch, and its real rows (none: a dummy row, weighted 0)."""
+    part = rows[RANK * len(rows) // WORLD: (RANK + 1) * len(rows) // WORLD]
+    return part or rows[:1], part
+
+def gather(items):
+    """Every process's list, joined in rank order: the shares of shard() back as one list."""
+    if WORLD == 1:
+        return items
+    parts = [None] * WORLD
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 # ----------------------------------------------------------------------------------------------------------------
 # One training step: sample buffer -> slow forward -> fast forward -> CE + gamma * consistency -> step -> interpolate.
@@ -473,11 +491,18 @@ def compile_blocks(model):
 def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-def train_step(model, layers, opt, sched, current, replay, cfg, step):
-    """One optimizer step on current + replay rows. Returns the CE and consistency terms and the real-token
-    count as device tensors (no host sync)."""
-    device, n = model.device, len(current)
+def train_step(model, layers, opt, sched, current, replay, cfg, step, ddp=None):
+    """One optimizer step on current + replay rows. Returns the CE and consistency terms as device tensors (no
+    host sync). ddp: the transformer wrapped in DistributedDataParallel, under torchrun."""
     blocks = model.base_model  # the transformer without the LM head
+    w_ce = w_cons = 1.0
+    if WORLD > 1:  # torchrun: this process's rows. DDP averages the gradients over processes, so each mean is
+        (cur, cur_real), (rep, rep_real) = shard(current), shard(replay)  # weighted by its share of the tokens
+        answer_tokens = lambda rows: sum(len(x) - n_prompt for x, n_prompt in rows)
+        w_ce = WORLD * answer_tokens(cur_real + rep_real) / answer_tokens(current + replay)
+        w_cons = WORLD * sum(len(x) for x, _ in rep_real) / max(1, sum(len(x) for x, _ in replay))
+        current, replay = cur, rep
+    device, n = model.device, len(current)
     # 1. one batch: current rows, then replay rows
     ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, device)
     use_slow = cfg.method == "ilora" and len(replay) > 0
@@ -491,10 +516,10 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
             cons.append(consistency_loss([h[n:]], [h_slow[i]], mask[n:]))
             h_slow[i] = None
         with on_block_outputs(blocks, consistency_term) if use_slow else contextlib.nullcontext():
-            out = blocks(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = (ddp or blocks)(input_ids=ids, attention_mask=mask, use_cache=False)
         ce = lm_loss(model, out.last_hidden_state, labels, pos)
         cons = torch.stack(cons).mean() if use_slow else torch.zeros((), device=device)  # mean over layers
-        loss = ce + cfg.gamma * cons
+        loss = w_ce * ce + cfg.gamma * w_cons * cons
     # 4. update the fast learner
     loss.backward()
     if cfg.grad_clip > 0:
@@ -505,7 +530,7 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
     # 5. the slow learner follows
     if cfg.method == "ilora":
         interpolate_slow_(slow_tensors(layers), fast_tensors(layers), slow_lam(step, cfg.lam))
-    return ce.detach(), cons.detach(), mask.sum()
+    return ce.detach(), cons.detach()
 
 # ----------------------------------------------------------------------------------------------------------------
 # Task loop.
@@ -513,7 +538,7 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
 class NonFiniteLoss(RuntimeError):
     pass
 
-def train_task(model, layers, examples, t, buffer, cfg, state):
+def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
     """Train the fast learner on one task's (ids, n_prompt) examples; state holds the global step and counters."""
     from tqdm import tqdm
     fast = fast_tensors(layers)
@@ -521,27 +546,30 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     order = torch.Generator().manual_seed(cfg.seed * 1000 + t)
     n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
-    sums, model_was_training = torch.zeros(3, device=model.device), model.training
+    sums, model_was_training = torch.zeros(2, device=model.device), model.training
     model.train()
-    bar = tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True)
+    bar, done = tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0), 0
     for epoch in range(cfg.epochs):
         perm = torch.randperm(len(examples), generator=order).tolist()
         for b in range(0, len(perm), cfg.batch_size):
             current = [examples[i] for i in perm[b: b + cfg.batch_size]]
             replay = buffer.sample(len(current)) if cfg.method != "seq" and t > 1 else []  # from task 2 on
             state["step"] += 1
-            ce, cons, n_tok = train_step(model, layers, opt, sched, current, replay, cfg, state["step"])
-            sums += torch.stack([ce, cons, n_tok.float()])
-            if epoch == 0 and cfg.method != "seq":
-                buffer.add(current, t)  # after the step, so no batch replays itself; once per example, not per epoch
+            sums += torch.stack(train_step(model, layers, opt, sched, current, replay, cfg, state["step"], ddp))
+            state["tokens"] += sum(len(x) for x, _ in current + replay)
+            if epoch == 0 and cfg.method != "seq":  # once per example, after the step: in the first epoch no batch
+                buffer.add(current, t)               # replays itself; in later ones the buffer holds this task too
             bar.update()
-            if bar.n % cfg.log_every == 0 or bar.n == n_steps:
-                k = (bar.n - 1) % cfg.log_every + 1
-                ce_avg, cons_avg, tokens = (sums / torch.tensor([k, k, 1.0], device=sums.device)).tolist()
+            done += 1
+            if done % cfg.log_every == 0 or done == n_steps:
+                k = (done - 1) % cfg.log_every + 1
+                if WORLD > 1:  # torchrun: the mean over processes
+                    torch.distributed.all_reduce(sums)
+                    sums /= WORLD
+                ce_avg, cons_avg = (sums / k).tolist()
                 if not (math.isfinite(ce_avg) and math.isfinite(cons_avg)):
                     raise NonFiniteLoss(f"non-finite loss at task {t} within steps {state['step'] - k + 1}.."
                                         f"{state['step']}")
-                state["tokens"] += int(tokens)
                 bar.write(f"task {t} step {state['step']:6d} | ce {ce_avg:.4f} | consistency {cons_avg:.6f} | "
                           f"lr {sched.get_last_lr()[0]:.2e}")
                 sums.zero_()
@@ -666,13 +694,9 @@ def merged(model, learner):
         m.merge(learner)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, m.base_layer)
-    # compile_blocks' forwards are for training: in generate they would recompile for each layer's cache state
-    compiled = {b: b.__dict__.pop("forward") for b in model.modules() if "forward" in b.__dict__}
     try:
         yield
     finally:
-        for b, forward in compiled.items():
-            b.forward = forward
         for name, m in wrapped:
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, m)
@@ -712,8 +736,10 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
     with merged(model, learner):
         for n_new in sorted(set(gen_lens.values())):
             group = [name for name in tasks if gen_lens[name] == n_new]
-            answers = iter(generate(model, tok, [r["prompt"] for name in group for r in tasks[name][cfg.eval_split]],
-                                    n_new, cfg.max_len, cfg.eval_batch_size, static=model.device.type == "cuda"))
+            prompts = [r["prompt"] for name in group for r in tasks[name][cfg.eval_split]]
+            mine = prompts[RANK * len(prompts) // WORLD: (RANK + 1) * len(prompts) // WORLD]  # torchrun: a share
+            answers = iter(gather(generate(model, tok, mine, n_new, cfg.max_len, cfg.eval_batch_size,
+                                           static=model.device.type == "cuda")))
             for name in group:
                 preds[name] = [next(answers) for _ in tasks[name][cfg.eval_split]]
     model.train(model_was_training)
@@ -759,7 +785,10 @@ def format_R(R, names, learner):
 # Saving: atomic writes, PEFT adapters, the checkpoint.
 
 def atomic_write(path, write):
-    """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file.
+    Under torchrun only rank 0 writes."""
+    if RANK:
+        return
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -940,6 +969,7 @@ def run(cfg):
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
+    device = init_distributed(device)  # torchrun
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device)
@@ -947,8 +977,9 @@ def run(cfg):
     layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
     if cfg.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.compile and device.type == "cuda":
-        compile_blocks(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(  # torchrun: all-reduces the fast learner's gradients
+        model.base_model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False) \
+        if WORLD > 1 else None
     n_lora = sum(p.numel() for p in fast_tensors(layers))
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{len(layers)} LoRA layers, {n_lora / 1e6:.3f}M trainable, on {device}")
@@ -983,7 +1014,7 @@ def run(cfg):
         save_checkpoint(out, layers, buffer, state, R)
     for t in range(state["done"] + 1, T + 1):
         t0 = time.time()
-        train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state)
+        train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state, ddp)
         state["train_s"] += time.time() - t0
         if cfg.eval_every_task or t == T:
             score_row(t)
@@ -1045,7 +1076,8 @@ def parse_args(argv=None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            # --rank too: torchrun on Python 3.11 reads --r as an ambiguous abbreviation of its own options
+            p.add_argument(flag, *["--rank"] * (f.name == "r"), type=kind, default=f.default, help=f.metadata["help"])
     def one_line(message):  # argparse would print its whole usage first
         raise UsageError(message)
     p.error = one_line

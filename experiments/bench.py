@@ -155,6 +155,13 @@ def peft_comparator(model, cfg, current, replay, head):
         return loss.detach()
     return step, fast, slow
 
+def compile_blocks(model):
+    """torch.compile the forward of each transformer block (they share their code: one compilation serves all).
+    Measured here and in compile_check.py; left out of ilora.py, where real runs' changing row lengths made it
+    recompile until the limit and run slower (issue 13)."""
+    for block in ilora.transformer_blocks(model.base_model):
+        block.forward = torch.compile(block.forward)
+
 def time_steps(step, warmup, steps, device):
     """Median ms per step over `steps` timed steps after `warmup`, every ms, and the peak GiB over the timed steps."""
     for k in range(1, warmup + 1):
@@ -235,8 +242,8 @@ def run_method(name, method, args, device, current, replay, ckpt, rate):
         fast, slow = ilora.fast_tensors(layers), ilora.slow_tensors(layers)
         opt = torch.optim.AdamW(fast, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
-        if args.compile and device.type == "cuda" and hasattr(ilora, "compile_blocks"):
-            ilora.compile_blocks(model)
+        if args.compile and device.type == "cuda" and hasattr(ilora, "merged"):
+            compile_blocks(model)
         step = lambda k: ilora.train_step(model, layers, opt, sched, current, rep, cfg, k)
     fast0, slow0 = [t.detach().clone() for t in fast], [t.detach().clone() for t in slow]
     big = shape["n_params"] > 3e9
@@ -378,7 +385,7 @@ def main(argv=None):
     p.add_argument("--no-sync-check", action="store_true", help="skip the extra ilora step in sync debug mode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="ilora.compile_blocks for the step, static cache for the eval pass (GPU, new ilora.py only)")
+                   help="compile_blocks for the step, static cache for the eval pass (GPU, new ilora.py only)")
     p.add_argument("--eval-repeats", type=int, default=3, help="timed eval passes after the first")
     p.add_argument("--ilora", help="path of another ilora.py to time instead of ../ilora.py")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

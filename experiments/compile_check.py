@@ -1,4 +1,4 @@
-"""The ilora step with and without ilora.compile_blocks, side by side: the first N steps' CE and consistency terms,
+"""The ilora step with and without bench.compile_blocks, side by side: the first N steps' CE and consistency terms,
 the time of the first steps (compilation) and the median step after them. Real TRACE rows of varying length, so
 the compiled code meets several shapes.
 
@@ -10,13 +10,14 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
 import ilora
+from bench import compile_blocks
 
 def run(args, compiled, tok, current, replay):
     torch.manual_seed(0)
     model, _ = ilora.load_model(args.model, torch.device("cuda"))
     layers = ilora.inject_lora(model, None, 8, 16.0, 0.0)  # LoRA dropout off: both runs draw no random numbers
     if compiled:
-        ilora.compile_blocks(model)
+        compile_blocks(model)
     cfg = ilora.Config(method="ilora", lam=0.9, gamma=0.1, lr=1e-3, batch_size=args.batch)
     opt = torch.optim.AdamW(ilora.fast_tensors(layers), lr=cfg.lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
@@ -25,7 +26,7 @@ def run(args, compiled, tok, current, replay):
     for k in range(args.steps):
         b = slice(k * args.batch, (k + 1) * args.batch)
         torch.cuda.synchronize(); t0 = time.perf_counter()
-        ce, cons, _ = ilora.train_step(model, layers, opt, sched, current[b], replay[b], cfg, k + 1)
+        ce, cons = ilora.train_step(model, layers, opt, sched, current[b], replay[b], cfg, k + 1)
         losses.append((ce.item(), cons.item()))  # .item() waits for the GPU, so the time is the step's
         secs.append(time.perf_counter() - t0)
     return losses, secs
