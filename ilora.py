@@ -16,7 +16,8 @@ After every task all tasks are scored, filling R[t][i] (row 0 = the base model);
     python ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC,ScienceQA --method replay
     python ilora.py --help                               # every option with its default
 """
-import contextlib, dataclasses, difflib, hashlib, importlib.util, itertools, json, math, os, pathlib, random, re, signal, sys, time
+import contextlib, dataclasses, difflib, hashlib, importlib.util, itertools, json, math, os, pathlib, random, re
+import signal, sys, time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -72,15 +73,12 @@ class Config:
     eval_batch_size: int = opt(32, "prompts per generation batch")
     max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
     metric: str = opt("", "per-task score overrides, e.g. 'MyTask=rouge_l,Other=em'")
-    rescore: str = opt("", "an --out folder of a finished run: recompute its R and metrics from its saved "
-                           "predictions (with --metric's scorers, else the run's own; --data-dir if its data moved, "
-                           "checked by fingerprint); loads no model")
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
     log_every: int = opt(10, "steps between log lines")
 
 # Settings that may change on --resume: none of them can change a number of the result.
-RESUMABLE = {"out", "overwrite", "resume", "log_every", "rescore"}
+RESUMABLE = {"out", "overwrite", "resume", "log_every"}
 
 def result_changing(saved, cfg):
     """Names of the settings in which cfg differs from a saved config.json in a way that changes the result."""
@@ -91,29 +89,25 @@ class UsageError(Exception):
 
 def check_config(cfg):
     """Every option in its range, before anything is read or loaded."""
-    c, finite = cfg, math.isfinite
-    rules = [("model", c.model.strip() != "", "a hub id, a folder or a .gguf file"),
+    c, finite, one_of = cfg, math.isfinite, lambda *xs: ", ".join(xs[:-1]) + " or " + xs[-1]
+    rules = [("model", c.model.strip(), "a hub id, a folder or a .gguf file"), ("out", c.out.strip(), "a folder"),
              ("tasks", any(t.strip() for t in c.tasks.split(",")), "a comma list of tasks"),
-             ("method", c.method in ("seq", "replay", "ilora"), "seq, replay or ilora"),
-             ("out", c.out.strip() != "", "a folder"),
+             ("method", c.method in ("seq", "replay", "ilora"), one_of("seq", "replay", "ilora")),
              ("r", c.r >= 1, ">= 1"), ("alpha", c.alpha > 0 and finite(c.alpha), "> 0"),
              ("dropout", 0 <= c.dropout < 1, "in [0, 1)"), ("lam", 0 <= c.lam < 1, "in [0, 1)"),
-             ("gamma", c.gamma >= 0 and finite(c.gamma), ">= 0"),
-             ("buffer_size", c.buffer_size >= (c.method != "seq"),
-              ">= 1 for replay and ilora (with no buffer they are --method seq)"),
+             ("gamma", c.gamma >= 0 and finite(c.gamma), ">= 0"), ("buffer_size", c.buffer_size >= (c.method != "seq"),
+                                                                   ">= 1 for replay and ilora (with none they are seq)"),
              ("epochs", c.epochs >= 1, ">= 1"), ("batch_size", c.batch_size >= 1, ">= 1"),
-             ("lr", c.lr > 0 and finite(c.lr), "> 0"),
-             ("weight_decay", c.weight_decay >= 0 and finite(c.weight_decay), ">= 0"),
-             ("warmup", c.warmup >= 0, ">= 0"), ("grad_clip", c.grad_clip >= 0 and finite(c.grad_clip), ">= 0"),
-             ("max_len", c.max_len >= 8, ">= 8"), ("max_train", c.max_train >= 0, ">= 0 (0 = all)"),
-             ("max_eval", c.max_eval >= 0, ">= 0 (0 = all)"), ("max_test", c.max_test >= 0, ">= 0 (0 = all)"),
-             ("eval_split", c.eval_split in ("test", "eval"), "test or eval"),
-             ("eval_learner", c.eval_learner in ("slow", "fast", "both"), "slow, fast or both"),
-             ("eval_batch_size", c.eval_batch_size >= 1, ">= 1"),
+             ("lr", c.lr > 0 and finite(c.lr), "> 0"), ("weight_decay", 0 <= c.weight_decay < math.inf, ">= 0"),
+             ("warmup", c.warmup >= 0, ">= 0"), ("grad_clip", 0 <= c.grad_clip < math.inf, ">= 0"),
+             ("max_len", c.max_len >= 8, ">= 8"), *((k, getattr(c, k) >= 0, ">= 0 (0 = all)") for k in
+                                                   ("max_train", "max_eval", "max_test")),
+             ("eval_split", c.eval_split in ("test", "eval"), one_of("test", "eval")),
+             ("eval_learner", c.eval_learner in ("slow", "fast", "both"), one_of("slow", "fast", "both")),
+             ("eval_batch_size", c.eval_batch_size >= 1, ">= 1"), ("log_every", c.log_every >= 1, ">= 1"),
              ("max_new_tokens", 1 <= c.max_new_tokens < c.max_len, "in [1, --max-len): the prompt needs room"),
              ("seed", 0 <= c.seed < 2 ** 32, "in [0, 2**32)"),
-             ("device", c.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
-             ("log_every", c.log_every >= 1, ">= 1")]
+             ("device", c.device in ("auto", "cpu", "cuda"), one_of("auto", "cpu", "cuda"))]
     for name, ok, allowed in rules:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}")
@@ -129,9 +123,7 @@ def set_seed(seed):
 
 def in_out_features(layer):
     """(in, out) of a linear layer. GPT-2's Conv1D stores its weight transposed, as (in, out)."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    return layer.weight.shape[0], layer.weight.shape[1]
+    return (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else tuple(layer.weight.shape)
 
 def is_linear(module):
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -207,6 +199,10 @@ DEFAULT_TARGETS = {
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
 }
 
+def set_module(model, name, module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
+
 def linear_names(model):
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
 
@@ -226,8 +222,7 @@ def inject_lora(model, targets=None, r=8, alpha=16.0, dropout=0.0):
             if r > min(in_out_features(module)):  # B A would have no more rank than W itself
                 raise UsageError(f"--r {r}: must be at most the smaller side of {name}, {in_out_features(module)}")
             found[hits[0]].append(name)
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), leaf, LoRALayer(module, r, alpha, dropout))
+            set_module(model, name, LoRALayer(module, r, alpha, dropout))
     missing = [t for t, names in found.items() if not names]
     if missing:
         raise UsageError(f"LoRA target(s) {', '.join(missing)} match no linear layer; this model has: "
@@ -259,7 +254,8 @@ def use_learner(layers, learner):
 # Slow learner: an interpolation of the fast one, over the LoRA tensors only.
 
 def slow_lam(step, lam):
-    """lam_k = min(1 - 1/(k+1), lam): early on the slow learner follows closely (CLS-ER's warm-up)."""
+    """lam_k = min(1 - 1/(k+1), lam), CLS-ER's warm-up: until lam_k reaches lam, the slow learner after step k is
+    the plain mean of theta_0 (the initial factors, delta W = 0) and the fast learners theta_1 .. theta_k."""
     return min(1.0 - 1.0 / (step + 1), lam)
 
 @torch.no_grad()
@@ -276,9 +272,6 @@ class ReplayBuffer:
         self.capacity, self.seen, self.items = capacity, 0, []  # items: (ids, n_prompt, task)
         self.gen = torch.Generator().manual_seed(seed)
 
-    def __len__(self):
-        return len(self.items)
-
     def add(self, examples, task):
         for ids, n_prompt in examples:
             self.seen += 1
@@ -290,8 +283,6 @@ class ReplayBuffer:
                     self.items[j] = (ids, n_prompt, task)
 
     def sample(self, n):
-        if not self.items:
-            return []
         idx = torch.randperm(len(self.items), generator=self.gen)[:n].tolist()
         return [self.items[i][:2] for i in idx]
 
@@ -338,12 +329,6 @@ def read_split(path):
             raise UsageError(f"{path}: record {i} needs string fields 'prompt' and 'answer'")
     return records
 
-def find_split(folder, split):
-    for suffix in (".json", ".jsonl"):
-        if (folder / f"{split}{suffix}").is_file():
-            return folder / f"{split}{suffix}"
-    return None
-
 def load_tasks(cfg):
     """{name: {split: records}} for the splits used, checked before any model is loaded."""
     names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
@@ -364,7 +349,7 @@ def load_tasks(cfg):
                 raise UsageError(f"task {name!r}: not a built-in task, a folder{where}")
             splits = {}
             for split in ("train", cfg.eval_split):
-                path = find_split(folder, split)
+                path = next((p for p in (folder / f"{split}.json", folder / f"{split}.jsonl") if p.is_file()), None)
                 if path is None:
                     raise UsageError(f"task {name!r}: {folder} has no {split}.json or {split}.jsonl")
                 splits[split] = read_split(path)
@@ -447,12 +432,9 @@ def slow_block_outputs(blocks, layers, ids, mask):
     """The slow learner's block outputs, one (B, T, H) a block: the consistency target. It must be a fixed function
     of the rows, so the forward runs in eval mode: no LoRA dropout and none of the model's own (GPT-2, OPT, phi)."""
     h, was_training = [], blocks.training
-    blocks.eval()
-    try:
-        with use_learner(layers, "slow"), on_block_outputs(blocks, lambda i, out: h.append(out)):
-            blocks(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        blocks.train(was_training)
+    with use_learner(layers, "slow"), on_block_outputs(blocks, lambda i, out: h.append(out)):
+        blocks.eval()(input_ids=ids, attention_mask=mask, use_cache=False)
+    blocks.train(was_training)
     return h
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -546,7 +528,7 @@ def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     order = torch.Generator().manual_seed(cfg.seed * 1000 + t)
     n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
-    sums, model_was_training = torch.zeros(2, device=model.device), model.training
+    sums = torch.zeros(2, device=model.device)
     model.train()
     bar, done = tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0), 0
     for epoch in range(cfg.epochs):
@@ -574,7 +556,6 @@ def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
                           f"lr {sched.get_last_lr()[0]:.2e}")
                 sums.zero_()
     bar.close()
-    model.train(model_was_training)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation and metrics.
@@ -692,14 +673,12 @@ def merged(model, learner):
     wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
     for name, m in wrapped:
         m.merge(learner)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, m.base_layer)
+        set_module(model, name, m.base_layer)
     try:
         yield
     finally:
         for name, m in wrapped:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, m)
+            set_module(model, name, m)
             m.unmerge()
 
 @torch.no_grad()
@@ -730,9 +709,8 @@ def generate(model, tok, prompts, max_new_tokens, max_len, batch_size, static=Fa
 def predict(model, tok, tasks, cfg, gen_lens, learner):
     """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Tasks with the same generation length
     share their generate() calls, so many small tasks cost a few full batches instead of a small batch each."""
-    model_was_training = model.training
-    model.eval()
     preds = {}
+    model.eval()  # train_task switches training back on
     with merged(model, learner):
         for n_new in sorted(set(gen_lens.values())):
             group = [name for name in tasks if gen_lens[name] == n_new]
@@ -742,7 +720,6 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
                                            static=model.device.type == "cuda")))
             for name in group:
                 preds[name] = [next(answers) for _ in tasks[name][cfg.eval_split]]
-    model.train(model_was_training)
     return preds
 
 def score(tasks, preds, metrics, split):
@@ -798,30 +775,23 @@ def atomic_write(path, write):
 def write_json(path, obj):
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", "utf-8"))
 
-def lora_state_dict(model, learner):
-    """PEFT-named LoRA tensors of one learner: base_model.model.<module>.lora_A.weight (r, in), lora_B (out, r);
-    without the base_model.model. prefix peft silently runs the bare base model."""
-    sd = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALayer):
-            A, B = m.factors(learner)
-            sd[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
-            sd[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
-    return sd
-
 def save_peft_adapter(model, layers, folder, learner, cfg):
+    """One learner as a PEFT adapter: keys base_model.model.<module>.lora_A.weight (r, in) and lora_B (out, r);
+    without the base_model.model. prefix peft only warns and silently runs the bare base model."""
     from safetensors.torch import save_file
-    folder = pathlib.Path(folder)
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALayer)})
+    folder, wrapped = pathlib.Path(folder), [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+    tensors = {f"base_model.model.{n}.lora_{ab}.weight": t.detach().float().cpu().contiguous()
+               for n, m in wrapped for ab, t in zip("AB", m.factors(learner))}
+    names = sorted({n.rsplit(".", 1)[-1] for n, _ in wrapped})
     write_json(folder / "adapter_config.json", {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": names, "bias": "none",
         "fan_in_fan_out": layers[0].fan_in_fan_out, "base_model_name_or_path": cfg.model, "inference_mode": True})
-    atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(lora_state_dict(model, learner), str(p)))
+    atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p)))
 
 def save_predictions(out, preds):
     """Every greedy answer as a table (task, split, row of R, learner, index, prediction) in predictions.parquet,
-    which datasets, pandas and pyarrow read: any run can be re-scored later without a GPU (--rescore)."""
+    which datasets, pandas and pyarrow read: any run can be re-scored later without a GPU."""
     import pyarrow as pa, pyarrow.parquet as pq
     atomic_write(pathlib.Path(out) / "predictions.parquet", lambda p: pq.write_table(pa.Table.from_pylist(preds), p))
 
@@ -852,33 +822,6 @@ def load_checkpoint(ck, layers, buffer):
     if ck["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
     return ck["state"], ck["R"]
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-def fingerprint(cfg, tasks):
-    """sha256 of what a run reads: the records of each task split, and the model's files. --resume compares them,
-    so that a run whose data or model changed in between cannot mix two experiments in one R."""
-    src, gguf = model_source(cfg.model)
-    if cfg.model == DEFAULT_MODEL and smollm2_gguf():  # the GGUF, also once it is converted into CACHE
-        files = [smollm2_gguf()]
-    elif gguf:
-        files = [pathlib.Path(src) / gguf]
-    else:
-        if not pathlib.Path(src).is_dir():  # a hub id: the snapshot in the local cache
-            from huggingface_hub import snapshot_download
-            src = snapshot_download(src, local_files_only=True)
-        files = sorted(p for p in pathlib.Path(src).iterdir() if p.name == "config.json" or
-                       p.suffix in (".safetensors", ".bin"))
-    return {**data_fingerprint(tasks), "model": hashlib.sha256(" ".join(map(file_sha256, files)).encode()).hexdigest()}
-
-def data_fingerprint(tasks):
-    return {f"{name}/{split}": hashlib.sha256(json.dumps(recs).encode()).hexdigest()
-            for name, splits in tasks.items() for split, recs in splits.items()}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model loading and the run.
@@ -945,6 +888,31 @@ def load_model(name, device):
         with contextlib.suppress(OSError):
             os.rename(tmp, CACHE)
     return model, tok
+
+def fingerprint(cfg, tasks):
+    """sha256 of what a run reads: each task split's records, and the model's files (its GGUF, or its config and
+    weights, for a hub id in the local cache). --resume compares them, so that one R never mixes two experiments."""
+    src, gguf = model_source(cfg.model)
+    if cfg.model == DEFAULT_MODEL and smollm2_gguf():  # the GGUF, also once it is converted into CACHE
+        files = [smollm2_gguf()]
+    elif gguf:
+        files = [pathlib.Path(src) / gguf]
+    else:
+        if not pathlib.Path(src).is_dir():
+            from huggingface_hub import snapshot_download
+            src = snapshot_download(src, local_files_only=True)
+        files = sorted(p for p in pathlib.Path(src).iterdir()
+                       if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return {**data_fingerprint(tasks), "model": digest.hexdigest()}
+
+def data_fingerprint(tasks):
+    return {f"{name}/{split}": hashlib.sha256(json.dumps(recs).encode()).hexdigest()
+            for name, splits in tasks.items() for split, recs in splits.items()}
 
 def run(cfg):
     """Train cfg.method over the task sequence; returns the results dict also written to cfg.out/results.json."""
@@ -1036,33 +1004,6 @@ def run(cfg):
                                                   for key in ("OP", "BWT", "FWT", "F")))
     return results
 
-def rescore(cfg):
-    """R and the metrics of the finished run in cfg.rescore, recomputed from its predictions.parquet with the
-    scorers of cfg.metric (else the run's own), and written to rescored.json there. No model is loaded."""
-    import pyarrow.parquet as pq
-    folder = pathlib.Path(cfg.rescore)
-    try:
-        saved = json.loads((folder / "config.json").read_text())
-        preds = pq.read_table(folder / "predictions.parquet").to_pylist()
-    except Exception as e:
-        raise UsageError(f"--rescore {folder}: cannot read its config.json and predictions.parquet "
-                         f"({type(e).__name__})") from None
-    run_cfg = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
-    run_cfg.metric, run_cfg.data_dir = cfg.metric or run_cfg.metric, cfg.data_dir or run_cfg.data_dir  # same data:
-    tasks = load_tasks(run_cfg)
-    if changed := [k for k, v in data_fingerprint(tasks).items() if saved.get("fingerprint", {}).get(k) != v]:
-        raise UsageError(f"--rescore {folder}: the task data changed since the run ({', '.join(changed)})")
-    metrics, R = task_metrics(run_cfg, list(tasks)), {}
-    for p in preds:  # (learner, row) -> {task: predictions in index order}
-        R.setdefault(p["learner"], {}).setdefault(p["row"], {}).setdefault(p["task"], {})[p["index"]] = p["prediction"]
-    R = {k: [score(tasks, {n: [ps[n][i] for i in range(len(ps[n]))] for n in ps}, metrics, run_cfg.eval_split)
-             if (ps := rows.get(t)) else None for t in range(len(tasks) + 1)] for k, rows in R.items()}
-    results = {"tasks": list(tasks), "metrics_per_task": metrics, "R": R, "metrics": {k: cl_metrics(v) for k, v in R.items()}}
-    write_json(folder / "rescored.json", results)
-    for k in R:
-        print(format_R(R[k], list(tasks), k))
-    return results
-
 # ----------------------------------------------------------------------------------------------------------------
 # CLI: generated from Config.
 
@@ -1088,7 +1029,7 @@ def main(argv=None):
     cfg = Config()
     try:
         cfg = parse_args(argv)
-        return rescore(cfg) if cfg.rescore else run(cfg)
+        return run(cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

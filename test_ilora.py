@@ -165,7 +165,7 @@ def test_reservoir_keeps_capacity_and_is_deterministic():
     for buf in (a, b):
         for i in range(100):
             buf.add([(torch.tensor([i]), 0)], task=i // 50)
-    assert len(a) == 10 and a.seen == 100
+    assert len(a.items) == 10 and a.seen == 100
     assert [int(x[0]) for x, _, _ in a.items] == [int(x[0]) for x, _, _ in b.items]
     assert [int(x[0]) for x, _ in a.sample(5)] == [int(x[0]) for x, _ in b.sample(5)]
 
@@ -702,7 +702,7 @@ GOOD = {"method": ["ilora", "replay", "seq"], "r": ["2"], "alpha": ["8"], "dropo
         "max_train": ["0", "3", "1000000000"], "max_eval": ["0", "2"], "max_test": ["0", "2"], "eval_split": ["test", "eval"],
         "eval_learner": ["slow", "fast", "both"], "eval_batch_size": ["3", "1000000000"], "max_new_tokens": ["4"],
         "metric": ["", "t1=rouge_l"], "seed": ["0", "7"], "device": ["cpu", "auto"], "log_every": ["1", "1000000000"],
-        "targets": ["", "q_proj,v_proj"], "data_dir": [""], "rescore": [""]}
+        "targets": ["", "q_proj,v_proj"], "data_dir": [""]}
 # No huge epochs (a valid, endless run) and no huge max_new_tokens (valid; it only costs time).
 NO_HUGE = {"epochs", "max_new_tokens"}
 
@@ -840,19 +840,6 @@ def test_sari_and_13a_equal_hugging_face_s_metric_with_sacrebleu_s_tokenizer():
         for text in (q, p, a, q.lower()):
             assert " ".join(ilora.tokenize_13a(text)) == tok(text)
         assert ilora.sari(q, p, a) == pytest.approx(hf_sari(q, p, [a], tok), abs=1e-9)
-
-def test_predictions_are_saved_and_rescoring_reproduces_R(tmp_path, model_dir):
-    import pyarrow.parquet as pq
-    t1, t2 = write_task(tmp_path / "t1"), write_task(tmp_path / "t2", colour="blue")
-    res = ilora.main(base_args(model_dir, tmp_path, "--tasks", f"{t1},{t2}", "--eval-learner", "both"))
-    preds = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pylist()
-    assert len(preds) == 2 * 3 * 2 * 8  # learners x rows of R x tasks x test records
-    assert set(preds[0]) == {"task", "split", "row", "learner", "index", "prediction"}
-    again = ilora.main(["--rescore", str(tmp_path / "out")])
-    assert again["R"] == res["R"] and again["metrics"] == res["metrics"]
-    other = ilora.main(["--rescore", str(tmp_path / "out"), "--metric", "t1=rouge_l,t2=exact"])
-    assert other["metrics_per_task"] == {"t1": "rouge_l", "t2": "exact"}
-    assert json.loads((tmp_path / "out" / "rescored.json").read_text())["R"] == other["R"]
 
 # ---- fast evaluation: merged learners, static cache --------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Issue 14's comparison: the TRACE-8 finals under TRACE's exact scorers (results/trace8/final-exact, re-run) and
 under the former lenient scorers (results/trace8/final), plus the same new predictions re-scored with the lenient
-choice/number scorers on the five classification and arithmetic tasks (ilora.py --rescore; no GPU).
+choice/number scorers on the five classification and arithmetic tasks (rescore.py; no GPU).
 
     python rescore_finals.py --data-dir ../../shared/data/trace_500
 """
@@ -16,9 +16,9 @@ def op(folder, name, learner, seed, rescored=None):
     return 100 * res["metrics"][learner]["OP"]
 
 def rescore(folder, name, seed, data_dir):
-    with tempfile.TemporaryDirectory() as tmp:  # a copy: --rescore writes rescored.json into the run folder
+    with tempfile.TemporaryDirectory() as tmp:  # a copy: rescore.py writes rescored.json into the run folder
         run = pathlib.Path(shutil.copytree(folder / f"{name}-s{seed}", pathlib.Path(tmp) / "run"))
-        subprocess.run([sys.executable, str(HERE.parent / "ilora.py"), "--rescore", str(run), "--metric", LENIENT,
+        subprocess.run([sys.executable, str(HERE / "rescore.py"), str(run), "--metric", LENIENT,
                         "--data-dir", data_dir], check=True, capture_output=True)
         return json.loads((run / "rescored.json").read_text())
 

@@ -1,0 +1,30 @@
+"""Tests for rescore.py: a run's saved predictions give back its own R exactly, and any other scorer."""
+import json, pathlib, sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
+import ilora, rescore
+from test_ilora import base_args, model_dir, write_task  # noqa: F401
+
+def test_predictions_are_saved_and_rescoring_reproduces_R(tmp_path, model_dir):
+    import pyarrow.parquet as pq
+    t1, t2 = write_task(tmp_path / "t1"), write_task(tmp_path / "t2", colour="blue")
+    res = ilora.main(base_args(model_dir, tmp_path, "--tasks", f"{t1},{t2}", "--eval-learner", "both"))
+    preds = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pylist()
+    assert len(preds) == 2 * 3 * 2 * 8  # learners x rows of R x tasks x test records
+    assert set(preds[0]) == {"task", "split", "row", "learner", "index", "prediction"}
+    again = rescore.main([str(tmp_path / "out")])
+    assert again["R"] == json.loads(json.dumps(res["R"])) and again["metrics"] == json.loads(json.dumps(res["metrics"]))
+    other = rescore.main([str(tmp_path / "out"), "--metric", "t1=rouge_l,t2=exact"])
+    assert other["metrics_per_task"] == {"t1": "rouge_l", "t2": "exact"}
+    assert json.loads((tmp_path / "out" / "rescored.json").read_text())["R"] == other["R"]
+
+def test_rescoring_refuses_changed_data(tmp_path, model_dir, capsys):
+    t1 = write_task(tmp_path / "t1")
+    ilora.main(base_args(model_dir, tmp_path, "--tasks", str(t1), "--epochs", "1"))
+    (t1 / "test.json").write_text(json.dumps([{"prompt": "the sky", "answer": "blue"}]))
+    try:
+        rescore.main([str(tmp_path / "out")])
+    except SystemExit as e:
+        assert "t1/test" in str(e.code)
+    else:
+        raise AssertionError("a re-score on other data was accepted")
