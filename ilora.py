@@ -893,7 +893,8 @@ def run(cfg):
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device)
-    write_json(out / "config.json", {**dataclasses.asdict(cfg), "fingerprint": fingerprint(cfg, tasks)})
+    write_json(out / "config.json", {**dataclasses.asdict(cfg),  # on --resume the fingerprint was just checked
+                                     "fingerprint": saved["fingerprint"] if cfg.resume else fingerprint(cfg, tasks)})
     layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
     if cfg.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
