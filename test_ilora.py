@@ -67,9 +67,9 @@ def test_merged_equals_unmerged(kind):
     randomize_lora(layers)
     unmerged = logits(model)
     assert not torch.allclose(unmerged, logits(tiny_model(kind)), atol=1e-3)  # the LoRA does change the output
-    for layer in layers:
-        layer.merge()
-    torch.testing.assert_close(logits(model), unmerged, rtol=1e-5, atol=1e-5)
+    with ilora.merged(model, "fast"):
+        assert not any(isinstance(m, ilora.LoRALayer) for m in model.modules())
+        torch.testing.assert_close(logits(model), unmerged, rtol=1e-5, atol=1e-5)
 
 def test_delta_weight_matches_base_layout_for_conv1d():
     model = tiny_model("gpt2")
@@ -201,8 +201,7 @@ def test_padded_batch_loss_equals_unpadded_rows(kind):
 
 def replay_hidden(model, layers, learner, ids, mask):
     """The outputs of the transformer blocks, as train_step sees them."""
-    hs = []
-    with ilora.use_learner(layers, learner), ilora.on_block_outputs(model.base_model, lambda i, h: hs.append(h)):
+    with ilora.use_learner(layers, learner), ilora.block_outputs(model.base_model) as hs:
         model.base_model(input_ids=ids, attention_mask=mask)
     assert len(hs) == model.config.num_hidden_layers
     return hs
@@ -314,7 +313,8 @@ def test_tasks_load_from_folder_jsonl_and_data_dir(tmp_path):
 
 def test_long_prompt_is_cut_from_the_left_and_answer_kept():
     tok = tiny_tokenizer()
-    ids, n_prompt = ilora.encode(tok, " ".join(["the"] * 50 + ["sky"]), "blue", max_len=10)
+    ids, n_prompt, n_cut = ilora.encode(tok, " ".join(["the"] * 50 + ["sky"]), "blue", max_len=10)
+    assert n_cut == 51 - 8  # 51 prompt tokens (this tokenizer adds no BOS), 8 kept
     assert len(ids) == 10 and n_prompt == 8
     assert tok.decode(ids[n_prompt:].tolist()) == "blue </s>" and tok.decode(ids[n_prompt - 1:n_prompt]) == "sky"
 
@@ -361,10 +361,10 @@ def bad_input_cases(tmp_path):
     return [
         (["--tasks", str(tmp_path / "missing")], "not a built-in task"),
         (["--tasks", g, "--data-dir", str(tmp_path / "nowhere")], None),  # a real folder wins: no error
-        (["--tasks", str(bad_json)], "cannot read"),
-        (["--tasks", str(no_keys)], "record 0 needs string fields"),
+        (["--tasks", str(bad_json)], "train.json, line 1: not JSON: Expecting property name"),
+        (["--tasks", str(no_keys)], "train.json, record 1: needs string fields"),
         (["--tasks", str(empty)], "holds no records"),
-        (["--tasks", str(empty_answer)], "record 1 has an empty answer"),
+        (["--tasks", str(empty_answer)], "train.json, record 2: the answer is empty"),
         (["--tasks", f"{g},{g}"], "--tasks names task 'good' twice"),
         (["--tasks", f"{g},{write_task(tmp_path / 'other' / 'good')}"], "--tasks names task 'good' twice"),
         (["--tasks", g, "--metric", "good=bleu"], "unknown metric 'bleu'"),
@@ -456,7 +456,7 @@ def test_chinese_and_german_round_trip_through_the_tokenizer():
     src, gguf = ilora.model_source(ilora.DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     for prompt, answer in [("判断以下文本对指定对象的态度：", "支持"), ("Vereinfache:", "Wer seinen Führerausweis abgeben muss")]:
-        ids, n_prompt = ilora.encode(tok, prompt, answer, max_len=64)
+        ids, n_prompt, _ = ilora.encode(tok, prompt, answer, max_len=64)
         assert tok.decode(ids[:n_prompt].tolist()) == prompt
         assert tok.decode(ids[n_prompt:-1].tolist()) == answer and ids[-1] == tok.eos_token_id
 
@@ -629,14 +629,14 @@ def test_slow_target_is_the_same_under_the_model_s_own_dropout(monkeypatch):
     randomize_lora(layers, seed=1, which="fast")
     randomize_lora(layers, seed=1, which="slow")  # equal, so the interpolation leaves the slow learner where it is
     targets, real = [], ilora.consistency_loss
-    monkeypatch.setattr(ilora, "consistency_loss", lambda hf, hs, m: targets.append(hs[0]) or real(hf, hs, m))
+    monkeypatch.setattr(ilora, "consistency_loss", lambda hf, hs, m: targets.append(hs) or real(hf, hs, m))
     opt = torch.optim.SGD(ilora.fast_tensors(layers), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for seed in (1, 2):  # another dropout draw each time; the target must not move
         torch.manual_seed(seed)
         ilora.train_step(model, layers, opt, sched, rows(3), rows(3, 6), make_cfg(method="ilora"), 1)
-    n = model.config.num_hidden_layers
-    assert len(targets) == 2 * n and all(torch.equal(targets[i], targets[n + i]) for i in range(n))
+    assert len(targets) == 2 and len(targets[0]) == model.config.num_hidden_layers
+    assert all(torch.equal(a, b) for a, b in zip(*targets))
     assert model.training  # the fast learner keeps the model's own training behaviour
 
 def test_evaluation_prompts_leave_room_for_the_answer():
@@ -844,17 +844,15 @@ def test_sari_and_13a_equal_hugging_face_s_metric_with_sacrebleu_s_tokenizer():
 # ---- fast evaluation: merged learners, static cache --------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merge_then_unmerge_restores_the_base_weights_bit_for_bit(dtype):
+def test_merged_evaluation_leaves_the_base_weights_bit_for_bit(dtype):
     model = tiny_model("llama").to(dtype)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     layers = ilora.inject_lora(model, r=4, alpha=8)
     randomize_lora(layers, seed=1, which="fast")
     randomize_lora(layers, seed=2, which="slow")
-    for layer in layers:
-        layer.merge("slow")
-        assert not torch.equal(layer.base_layer.weight, layer.unmerged_weight)
-        layer.learner = "fast"  # switching learners while merged must not change what unmerge takes back
-        layer.unmerge()
+    with ilora.merged(model, "slow"):
+        merged = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(merged[k], base[k]) for k in base)  # the slow learner was folded in
     after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k and "slow_" not in k}
     assert all(torch.equal(after[k], base[k]) for k in base)
 

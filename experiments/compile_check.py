@@ -40,7 +40,7 @@ def main():
     p.add_argument("--out", default="compile_check.json")
     args = p.parse_args()
     _, tok = ilora.load_model(args.model, torch.device("cpu"))
-    rows = lambda task: [ilora.encode(tok, r["prompt"], r["answer"], 768) for r in
+    rows = lambda task: [ilora.encode(tok, r["prompt"], r["answer"], 768)[:2] for r in
                          json.loads((pathlib.Path(args.data_dir) / task / "train.json").read_text())]
     n = args.steps * args.batch
     current, replay = (rows("FOMC") * 4)[:n], (rows("C-STANCE") + rows("ScienceQA"))[:n]
