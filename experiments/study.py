@@ -38,7 +38,7 @@ def phase_runs(phase):
         for method in ("seq", "replay"):
             runs[f"{method}-det"] = args_of({**ilora_3e, "method": method, "eval_learner": "fast"})
     if phase == "pilot":  # the budget: where seq clearly forgets and most tasks are learned
-        for method, epochs, lr, seed in itertools.product(("seq", "replay"), (1, 3, 5), (1e-3, 3e-3), (0, 1)):
+        for epochs, method, lr, seed in itertools.product((1, 3, 5), ("seq", "replay"), (1e-3, 3e-3), (0, 1)):
             runs[f"{method}-e{epochs}-lr{lr:g}-s{seed}"] = args_of({"tasks": TRACE8, "epochs": epochs, "lr": lr,
                                                                     "seed": seed, "method": method,
                                                                     "eval_split": "eval"})
