@@ -918,8 +918,11 @@ def check_out(cfg):
         probe.unlink()
     except OSError as e:
         raise UsageError(f"--out {cfg.out}: cannot write there ({e.strerror})") from None
+    own_log = {os.fstat(fd).st_ino for fd in (1, 2)}  # a log this process writes into --out stays
     if cfg.overwrite and not cfg.resume and RANK == 0:  # the last check has passed: now the former run goes,
         for entry in out.iterdir():                     # adapters of tasks this run may not reach included
+            if entry.stat().st_ino in own_log:
+                continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:

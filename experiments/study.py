@@ -68,7 +68,7 @@ def run_wave(root, runs, base, parallel, deadline):
                 continue
             go_on = (out / "checkpoint.pt").is_file()
             out.mkdir(parents=True, exist_ok=True)
-            log = open(out / "log.txt", "a")
+            log = open(out / "log.txt", "a")  # ilora.py keeps the log it writes to when --overwrite empties out
             command = [sys.executable, str(HERE.parent / "ilora.py"), *argv, "--out", str(out),
                        "--resume" if go_on else "--overwrite"]
             running[out] = (subprocess.Popen(command, stdout=log, stderr=log, env=env), log)
