@@ -60,7 +60,7 @@ def main():
         result["strict_mode"] = "no op raised"
     except RuntimeError as e:
         result["strict_mode"] = str(e).splitlines()[0][:300]
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)
     ilora.inject_lora(model, r=8, alpha=16)
     small = {name: {"train": splits["train"], "test": splits["test"][:75]} for name, splits in tasks.items()}
     cfg.eval_split = "test"
