@@ -11,10 +11,9 @@ Every targeted linear layer W gets two copies of LoRA factors (Hu et al., arXiv 
   h = the transformer blocks' outputs over real tokens; the slow learner answers at evaluation.
 `--method seq` (sequential LoRA) and `--method replay` (experience replay) run the same code with switches off.
 
-The method is everything above the banner "Machinery". To use it in another training loop, copy LoRALayer,
-inject_lora, use_learner, slow_lam, interpolate_slow_, ReplayBuffer, collate, lm_loss, consistency_loss,
-block_outputs, slow_block_outputs and train_step. Below the banner is what running it needs and teaching it does
-not: options, task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun and the command line.
+The method is everything above the banner "Machinery". For the method alone in another training loop, copy from
+BatchDropout down to train_step (in one process, drop train_step's process_share and dropout_place lines). Below
+the banner: options, task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun, the CLI.
 
     python ilora.py                                      # 8 built-in tasks on SmolLM2-135M-Instruct, CPU ok
     python ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC,ScienceQA --method replay
@@ -863,11 +862,8 @@ def save_peft_adapter(model, layers, folder, learner, cfg, base=None):
     from safetensors.torch import save_file
     folder = pathlib.Path(folder)
     wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALayer)]
-    tensors = {}
-    for name, module in wrapped:
-        A, B = module.factors(learner)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
+    tensors = {f"base_model.model.{name}.lora_{ab}.weight": t.detach().float().cpu().contiguous()
+               for name, module in wrapped for ab, t in zip("AB", module.factors(learner))}
     write_json(folder / "adapter_config.json", {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in wrapped}),
@@ -900,8 +896,6 @@ def load_checkpoint(checkpoint, layers, buffer):
         dst.data.copy_(src)
     buffer.load_state_dict(checkpoint["buffer"])
     return checkpoint["state"], checkpoint["R"]
-
-
 
 def check_out(cfg):
     """--out must be a folder this process can write, or a path where one can be made; with --overwrite it is

@@ -1,5 +1,5 @@
 """Tests for rescore.py: a run's saved predictions give back its own R exactly, and any other scorer."""
-import json, pathlib, sys
+import json, pathlib, re, sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
 import ilora, rescore
@@ -28,3 +28,21 @@ def test_rescoring_refuses_changed_data(tmp_path, model_dir, capsys):
         assert "t1/test" in str(e.code)
     else:
         raise AssertionError("a re-score on other data was accepted")
+
+def test_the_lenient_rescoring_scorers_on_hand_computed_cases():
+    M = ilora.METRICS
+    assert M["choice"]("B. because", "B", "") == 1 and M["choice"]("The answer is C", "B", "") == 0
+    assert M["choice"]("答案：A", "A", "") == 1
+    assert M["number"]("It is 1,200 apples", "1200", "") == 1 and M["number"]("3.0", "3", "") == 1
+    assert M["number"]("no idea", "3", "") == 0 and M["number"]("4 or 3", "3", "") == 0
+
+def test_help_is_whole_and_the_metrics_are_printed(tmp_path, model_dir, capsys):
+    import subprocess
+    out = subprocess.run([sys.executable, str(pathlib.Path(rescore.__file__)), "--help"], capture_output=True,
+                         text=True).stdout
+    assert "Recompute R and the continual-learning metrics of a finished ilora.py run from its saved predictions." \
+        in " ".join(out.split())
+    ilora.main(base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t1")), "--epochs", "1"))
+    capsys.readouterr()
+    rescore.main([str(tmp_path / "out")])
+    assert re.search(r"\(slow\): OP \d+\.\d\d \| BWT - \| FWT - \| F -", capsys.readouterr().out)
