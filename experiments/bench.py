@@ -204,7 +204,11 @@ def time_eval(model, tok, layers, args, device, gen):
         prompts = [tok.decode(p) for p in prompts]
     model.eval()
     static = args.compile and device.type == "cuda"
-    if hasattr(ilora, "merged"):  # the learner folded into the weights; static cache and compilation on a GPU
+    if hasattr(ilora, "STATIC_CACHE_WRONG"):  # today's: generate() decodes one batch, predict() cuts them
+        scoring = lambda: ilora.merged(model, "slow")
+        gen = lambda ps, n: [a for s in range(0, len(ps), args.eval_batch) for a in ilora.generate(
+            model, tok, ps[s: s + args.eval_batch], n, args.row_len, args.eval_batch if static else 0)]
+    elif hasattr(ilora, "merged"):  # the learner folded into the weights; static cache and compilation on a GPU
         scoring = lambda: ilora.merged(model, "slow")
         gen = lambda ps, n: ilora.generate(model, tok, ps, n, args.row_len, args.eval_batch, static=static)
     else:  # an earlier ilora.py: the LoRA wrappers run at every decoding step

@@ -6,7 +6,7 @@ at --deadline continues with --resume next time, so the same command is repeated
         --model /root/ilora-model/smollm2-135m-instruct -j 12 --deadline 520
     python experiments/study.py pilot ...          # seq and replay; epochs 1, 3, 5; lr 1e-3, 3e-3; seeds 0, 1
     python experiments/study.py table repro        # the tables again, from the runs under --root
-    python experiments/study.py pack pilot OUT     # the phase's runs as OUT/runs.tgz, unfinished ones resumable
+    python experiments/study.py pack pilot OUT     # the phase's runs as OUT/pilot-*.tgz, unfinished ones resumable
 
 Every run uses --deterministic (the default of ilora.py) unless its phase says otherwise.
 """
@@ -86,19 +86,28 @@ def run_wave(root, runs, base, parallel, deadline):
                 say(f"{out.name}: exit {proc.returncode}")
         time.sleep(1)
 
-def pack(root, runs, out):
-    """The phase's runs as out/runs.tgz: config, results, predictions and log of every run, and the checkpoint of
-    every unfinished one (so that a later wave on another machine resumes it); no adapters."""
+def pack(root, runs, out, phase, limit=14 << 20):
+    """The phase's runs as out/PHASE-0.tgz, PHASE-1.tgz, ... of at most `limit` bytes of files each (what a device
+    call brings back): config, results, predictions and log of every run, and the checkpoint of every unfinished
+    one, so that a later wave on another machine resumes it. No adapters."""
     out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out / "runs.tgz", "w:gz") as tar:
-        for name in runs:
-            folder = root / name
-            keep = ["config.json", "results.json", "predictions.parquet", "log.txt"]
-            if not (folder / "results.json").is_file():
-                keep.append("checkpoint.pt")
-            for file in keep:
-                if (folder / file).is_file():
-                    tar.add(folder / file, arcname=f"{name}/{file}")
+    files = []
+    for name in runs:
+        keep = ["config.json", "results.json", "predictions.parquet", "log.txt"]
+        if not (root / name / "results.json").is_file():
+            keep.append("checkpoint.pt")
+        files += [(root / name / file, f"{name}/{file}") for file in keep if (root / name / file).is_file()]
+    parts, size = [[]], 0
+    for path, arcname in files:
+        if parts[-1] and size + path.stat().st_size > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append((path, arcname))
+        size += path.stat().st_size
+    for i, part in enumerate(parts):
+        with tarfile.open(out / f"{phase}-{i}.tgz", "w:gz") as tar:
+            for path, arcname in part:
+                tar.add(path, arcname=arcname)
 
 def load(root, runs):
     found = {}
@@ -126,7 +135,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("action", choices=["repro", "pilot", "table", "pack"])
     p.add_argument("phase", nargs="?", help="table and pack: the phase")
-    p.add_argument("dest", nargs="?", help="pack: the folder that receives runs.tgz")
+    p.add_argument("dest", nargs="?", help="pack: the folder that receives PHASE-*.tgz")
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared/data/trace_500"))
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     p.add_argument("--root", default=str(HERE / "results/study"), help="where the runs are written")
@@ -139,7 +148,7 @@ def main():
         print(table(root / args.phase, args.phase))
         return
     if args.action == "pack":
-        pack(root / args.phase, phase_runs(args.phase), pathlib.Path(args.dest))
+        pack(root / args.phase, phase_runs(args.phase), pathlib.Path(args.dest), args.phase)
         return
     base = ["--model", args.model, "--data-dir", args.data_dir, *COMMON, *args.extra.split()]
     run_wave(root / args.action, phase_runs(args.action), base, args.parallel, args.deadline)
