@@ -53,7 +53,7 @@ class BatchDropout(nn.Module):
     def forward(self, x):  # x: (B, L, in)
         if not self.training or self.p == 0:
             return x
-        if self.place is None:
+        if self.place is None or x.dim() != 3:  # a layer fed flattened tokens draws for its own input
             noise = torch.rand(x.shape, device=x.device)
         else:
             rows, n_rows, length = self.place
@@ -685,7 +685,9 @@ def lcs_words(x, y):
             table[i][j] = table[i - 1][j - 1] + 1
         else:
             table[i][j] = max(table[i - 1][j], table[i][j - 1])
-    i, j, words = len(x), len(y), set()
+    i = len(x)
+    j = len(y)
+    words = set()
     while i and j:
         if x[i - 1] == y[j - 1]:
             words.add(x[i - 1])
@@ -721,7 +723,8 @@ def py150_ratio(pred, answer):
         for kind, text in re.findall(r"<(STR|NUM|CHAR)_LIT:(.*?)>", code, re.S):
             code = code.replace(f"<{kind}_LIT:{text}>", text)
         return code
-    pred, answer = clean(pred), clean(answer)
+    pred = clean(pred)
+    answer = clean(answer)
     if not pred or not answer:
         return 0.0
     return round(100 * difflib.SequenceMatcher(None, pred, answer).ratio()) / 100  # fuzz rounds to a percent
@@ -748,12 +751,16 @@ def sari(source, pred, answer):
     total = 0.0
     for n in range(1, 5):
         src, out, ref = (Counter(" ".join(w[i: i + n]) for i in range(len(w) - n + 1)) for w in words)
-        kept, kept_good, keep_all = src & out, src & out & ref, src & ref
-        deleted, deleted_good = src - out, src - out - ref
+        kept = src & out              # n-grams the output keeps from the source
+        kept_good = src & out & ref   # ... that the reference keeps too
+        keep_all = src & ref
+        deleted = src - out
+        deleted_good = src - out - ref
         keep_p = math.fsum(kept_good[g] / kept[g] for g in kept_good) / len(kept) if kept else 1.0
         keep_r = sum(kept_good.values()) / sum(keep_all.values()) if keep_all else 1.0
         delete_p = math.fsum(deleted_good[g] / deleted[g] for g in deleted_good) / len(deleted) if deleted else 1.0
-        added, add_all = set(out) - set(src), set(ref) - set(src)
+        added = set(out) - set(src)
+        add_all = set(ref) - set(src)
         add_p = len(added & add_all) / len(added) if added else 1.0
         add_r = len(added & add_all) / len(add_all) if add_all else 1.0
         total += f1(keep_p, keep_r) + delete_p + f1(add_p, add_r)
@@ -915,7 +922,7 @@ def check_out(cfg):
     own_log = {os.fstat(fd).st_ino for fd in (1, 2)}  # a log this process writes into --out stays
     if cfg.overwrite and not cfg.resume and RANK == 0:  # the last check has passed: now the former run goes,
         for entry in out.iterdir():                     # adapters of tasks this run may not reach included
-            if entry.stat().st_ino in own_log:
+            if entry.lstat().st_ino in own_log:
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -1030,7 +1037,8 @@ def fingerprint(cfg, tasks):
     exists. --resume compares them: one R never mixes two experiments."""
     src, gguf = model_source(cfg.model)
     if cfg.model == DEFAULT_MODEL and smollm2_gguf() is not None:
-        src, gguf = smollm2_gguf().parent, smollm2_gguf().name
+        src = smollm2_gguf().parent
+        gguf = smollm2_gguf().name
     if not gguf and not pathlib.Path(src).is_dir():
         from huggingface_hub import snapshot_download
         src = snapshot_download(src, local_files_only=True)
@@ -1170,7 +1178,8 @@ def check_inputs(cfg, device):
 def encode_tasks(tok, tasks, cfg):
     """Each task's training examples (ids, n_prompt) and generation length (its longest train answer + 8 tokens,
     up to --max-new-tokens). Says once per task how many training and scored prompts lose their left end."""
-    train, gen_lens = {}, {}
+    train = {}
+    gen_lens = {}
     for name, splits in tasks.items():
         encoded = [encode(tok, r["prompt"], r["answer"], cfg.max_len) for r in splits["train"]]
         train[name] = [(ids, n_prompt) for ids, n_prompt, _ in encoded]
