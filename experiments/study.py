@@ -10,11 +10,11 @@ at --deadline continues with --resume next time, so the same command is repeated
 
 Every run uses --deterministic (the default of ilora.py) unless its phase says otherwise.
 """
-import argparse, itertools, json, os, pathlib, statistics, subprocess, sys, tarfile, time
+import argparse, itertools, json, pathlib, sys, tarfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # ilora.py is one folder up
-import ilora
+from trace8 import run_jobs  # runs (out, argv) jobs side by side; skips finished ones, resumes stopped ones
 
 TRACE8 = "C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten"
 FOUR = "C-STANCE,FOMC,ScienceQA,NumGLUE-cm"  # the four tasks of the reproducibility check in issue 22
@@ -43,48 +43,6 @@ def phase_runs(phase):
                                                                     "seed": seed, "method": method,
                                                                     "eval_split": "eval"})
     return runs
-
-def finished(out, argv):
-    """True if out holds the results of a run with exactly these settings (paths and RESUMABLE ones aside)."""
-    if not (out / "results.json").is_file():
-        return False
-    return not ilora.result_changing(json.loads((out / "config.json").read_text()), ilora.parse_args(argv))
-
-def run_wave(root, runs, base, parallel, deadline):
-    """Run the unfinished runs, at most `parallel` at once. Runs still going after `deadline` seconds are stopped:
-    their finished tasks stay in checkpoint.pt, and the next wave resumes them."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_MININTERVAL": "60", "PYTHONUNBUFFERED": "1",
-           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    pending = [(root / name, [*base, *argv]) for name, argv in runs.items()]
-    running, t0 = {}, time.time()
-    def say(message):
-        print(f"[{time.time() - t0:5.0f}s] {message}", flush=True)
-    while pending or running:
-        late = deadline and time.time() - t0 > deadline
-        while pending and len(running) < parallel and not late:
-            out, argv = pending.pop(0)
-            if finished(out, argv):
-                say(f"{out.name}: finished before, skipped")
-                continue
-            go_on = (out / "checkpoint.pt").is_file()
-            out.mkdir(parents=True, exist_ok=True)
-            log = open(out / "log.txt", "a")  # ilora.py keeps the log it writes to when --overwrite empties out
-            command = [sys.executable, str(HERE.parent / "ilora.py"), *argv, "--out", str(out),
-                       "--resume" if go_on else "--overwrite"]
-            running[out] = (subprocess.Popen(command, stdout=log, stderr=log, env=env), log)
-            say(f"{out.name}: {'resumed' if go_on else 'started'}")
-        if late:
-            for out, (proc, log) in running.items():
-                proc.terminate()
-                proc.wait()
-                say(f"{out.name}: stopped at the deadline")
-            return
-        for out, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[out]
-                say(f"{out.name}: exit {proc.returncode}")
-        time.sleep(1)
 
 def pack(root, runs, out, phase, limit=14 << 20):
     """The phase's runs as out/PHASE-0.tgz, PHASE-1.tgz, ... of at most `limit` bytes of files each (what a device
@@ -151,7 +109,8 @@ def main():
         pack(root / args.phase, phase_runs(args.phase), pathlib.Path(args.dest), args.phase)
         return
     base = ["--model", args.model, "--data-dir", args.data_dir, *COMMON, *args.extra.split()]
-    run_wave(root / args.action, phase_runs(args.action), base, args.parallel, args.deadline)
+    jobs = [(root / args.action / name, [*base, *argv]) for name, argv in phase_runs(args.action).items()]
+    run_jobs(jobs, args.parallel, args.deadline)
     print(table(root / args.action, args.action))
 
 if __name__ == "__main__":
