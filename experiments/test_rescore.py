@@ -46,3 +46,17 @@ def test_help_is_whole_and_the_metrics_are_printed(tmp_path, model_dir, capsys):
     capsys.readouterr()
     rescore.main([str(tmp_path / "out")])
     assert re.search(r"\(slow\): OP \d+\.\d\d \| BWT - \| FWT - \| F -", capsys.readouterr().out)
+
+def test_majority_scores_the_final_row_or_the_row_just_after_each_task(tmp_path, model_dir):
+    import majority
+    a, b = write_task(tmp_path / "a"), write_task(tmp_path / "b", shift=1)  # b gives each word another colour
+    res = ilora.main(base_args(model_dir, tmp_path, "--tasks", f"{a},{b}", "--method", "seq"))
+    R = res["R"]["fast"]
+    assert R[1][0] > 0 and R[1][0] != R[2][0]  # a is forgotten: a wrong row cannot pass
+    for when, rows in (("final", {"a": 2, "b": 2}), ("learned", {"a": 1, "b": 2})):
+        found = majority.majority_rows(tmp_path / "out", ["a", "b"], tmp_path, when)
+        assert {task for _, _, task, *_ in found} == {"a", "b"}
+        for run, learner, task, score, base, skill, share in found:
+            column = ["a", "b"].index(task)
+            assert abs(score - R[rows[task]][column]) < 1e-12 and abs(skill - (score - base)) < 1e-12
+            assert base == 0.25  # four colours, each the answer of 2 of 8 records
