@@ -1,0 +1,103 @@
+"""Tests for study.py's rules: the pilot's budget, the screen's selection with its tie rule, the finals' runs and
+the paired intervals, on made-up results."""
+import json, pathlib, sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import study
+
+def pilot_row(op, bwt, learned):
+    return {"OP": op, "BWT": bwt, "learned": [f"task{i}" for i in range(learned)], "seeds": 2}
+
+def pilot(rows):
+    """rows: {epochs: (seq's two lrs as (OP, BWT, learned), replay's two lrs)}"""
+    summary = {}
+    for epochs, (seq, replay) in rows.items():
+        for method, pair in (("seq", seq), ("replay", replay)):
+            for lr, row in zip((1e-3, 3e-3), pair):
+                summary[epochs, method, lr] = pilot_row(*row)
+    return summary
+
+def test_the_budget_is_the_fewest_epochs_where_seq_forgets_and_both_methods_learn_most_tasks():
+    summary = pilot({1: (((0.25, -0.10, 7), (0.20, -0.20, 3)), ((0.30, -0.01, 5), (0.29, 0, 8))),
+                     3: (((0.30, -0.12, 6), (0.20, -0.30, 8)), ((0.35, 0.0, 6), (0.33, 0, 2))),
+                     5: (((0.31, -0.20, 7), (0.20, -0.30, 8)), ((0.36, 0.0, 7), (0.33, 0, 2)))})
+    # 1 epoch: replay's better lr (OP 0.30) learns 5 tasks only; 3 and 5 qualify; the fewer epochs win
+    epochs, qualified, checked = study.choose_budget(summary)
+    assert (epochs, qualified) == (3, True) and not checked[1][0] and checked[5][0]
+
+def test_without_a_qualifying_budget_the_one_where_replay_learns_most_wins_and_says_so():
+    summary = pilot({1: (((0.25, -0.01, 7), (0.2, -0.01, 7)), ((0.30, 0, 5), (0.2, 0, 5))),
+                     3: (((0.25, -0.01, 7), (0.2, -0.01, 7)), ((0.30, 0, 6), (0.2, 0, 8))),
+                     5: (((0.25, -0.01, 7), (0.2, -0.01, 7)), ((0.30, 0, 6), (0.2, 0, 6)))})
+    assert study.choose_budget(summary)[:2] == (3, False)  # seq never forgets; replay learns 5, 6, 6: the tie -> 3
+
+def test_an_unfinished_pilot_decides_nothing():
+    summary = pilot({1: (((0.25, -0.1, 7), (0.2, -0.1, 7)), ((0.3, 0, 7), (0.2, 0, 7)))})
+    with pytest.raises(study.NotDecided):
+        study.choose_budget(summary)
+    summary = pilot({e: (((0.25, -0.1, 7), (0.2, -0.1, 7)), ((0.3, 0, 7), (0.2, 0, 7))) for e in (1, 3, 5)})
+    summary[5, "seq", 1e-3]["seeds"] = 1
+    with pytest.raises(study.NotDecided):
+        study.choose_budget(summary)
+
+def test_gaps_under_one_point_are_ties_and_the_simplest_tied_setting_wins():
+    order = {"a": 2, "b": 3, "c": 1}.get  # c is the simplest
+    assert study.best_of({"a": 0.300, "b": 0.309, "c": 0.2995}, order) == "c"  # all within 1 point of b
+    assert study.best_of({"a": 0.300, "b": 0.309, "c": 0.2985}, order) == "a"  # c is 1.05 points behind
+    assert study.best_of({"a": 0.300, "b": 0.311, "c": 0.2995}, order) == "b"  # b is 1.1 points ahead: alone
+
+def write_screen(root, ops):
+    for name, op in ops.items():
+        folder = root / "screen" / name
+        folder.mkdir(parents=True)
+        learners = ["slow", "fast"] if name.startswith("ilora") else ["fast"]
+        metrics = {learner: {"OP": op if learner == learners[0] else 0.0} for learner in learners}
+        (folder / "results.json").write_text(json.dumps({"learners": learners, "metrics": metrics}))
+
+def test_the_screen_picks_each_methods_lr_then_the_best_ilora_setting_with_the_tie_rule(tmp_path):
+    ops = {}
+    for setting in study.lr_settings():
+        bump = {("seq", 1e-3): 0.05, ("replay", 2e-3): 0.05, ("ilora", 5e-4): 0.05}.get((setting["method"],
+                                                                                           setting["lr"]), 0)
+        for seed in study.SCREEN_SEEDS:
+            ops[f"{study.setting_name(setting)}-s{seed}"] = 0.30 + bump
+    write_screen(tmp_path, ops)
+    assert study.best_lrs(tmp_path) == {"seq": 1e-3, "replay": 2e-3, "ilora": 5e-4}
+    with pytest.raises(study.NotDecided):  # the grid has not run
+        study.select(tmp_path)
+    ops = {}
+    for setting in study.grid_settings(5e-4):
+        op = {(0.95, 0.3): 0.400, (0.98, 0.03): 0.395, (0.9, 0.0): 0.380}.get((setting["lam"], setting["gamma"]), 0.3)
+        if setting["lam"] == 0.9 and setting["gamma"] == 0.1:
+            continue  # run by the lr phase already (the same name)
+        for seed in study.SCREEN_SEEDS:
+            ops[f"{study.setting_name(setting)}-s{seed}"] = op
+    write_screen(tmp_path, ops)
+    chosen = study.select(tmp_path)
+    # lam 0.95 gamma 0.3 leads; lam 0.98 gamma 0.03 ties it (0.5 point) but is not simpler (larger lam); the
+    # gamma-0 setting is 2 points behind: no tie
+    assert chosen["ilora"] == {"method": "ilora", "lr": 5e-4, "lam": 0.95, "gamma": 0.3}
+    assert chosen["ilora with consistency"] == chosen["ilora"]
+    assert chosen["seq"] == {"method": "seq", "lr": 1e-3} and chosen["replay"] == {"method": "replay", "lr": 2e-3}
+
+def test_the_finals_pair_every_arm_by_seed_and_order_and_ablate_consistency_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "budget", lambda root, data_dir=None: (3, True, {}))
+    best = {"method": "ilora", "lr": 5e-4, "lam": 0.95, "gamma": 0.3}
+    monkeypatch.setattr(study, "select", lambda root: {"seq": {"method": "seq", "lr": 1e-3},
+                                                      "replay": {"method": "replay", "lr": 2e-3},
+                                                      "ilora": best, "ilora with consistency": best})
+    runs = study.phase_runs("finals", tmp_path)
+    assert len(runs) == 5 * 2 * 4  # seq, replay, ilora, ilora-g0, ilora-old; two orders; four seeds
+    twin = runs["ilora-g0-reversed-s3"]
+    assert twin[twin.index("--gamma") + 1] == "0.0" and twin[twin.index("--lam") + 1] == "0.95"
+    assert twin[twin.index("--lr") + 1] == "0.0005" and twin[twin.index("--seed") + 1] == "3"
+    assert twin[twin.index("--tasks") + 1] == study.REVERSED and study.REVERSED.split(",")[0] == "20Minuten"
+    assert all(argv[argv.index("--eval-split") + 1] == "test" and argv[argv.index("--epochs") + 1] == "3"
+               for argv in runs.values())
+
+def test_the_paired_interval_is_students_t_over_the_common_pairs():
+    mean, half, n = study.paired({1: 3.0, 2: 5.0, 3: 9.0}, {1: 1.0, 2: 1.0})
+    assert (mean, n) == (3.0, 2) and half == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5)
+    assert study.paired({1: 1.0}, {1: 0.0}) is None
