@@ -3,6 +3,8 @@
     python bench.py --models smollm2,qwen2-1.5b,llama2-7b --smollm2-path /root/ilora-model/smollm2-135m-instruct \
         --steps 20 --warmup 5 --out bench.json          # GPU (bf16); about 3 minutes on one H100
     python bench.py --tiny                               # CPU smoke test, a few seconds
+    torchrun --nproc_per_node 2 bench.py --models llama2-7b --methods seq,replay,ilora --eval-prompts 0 \
+        --out bench_2.json                               # the same global batch over 2 processes (DDP)
 
 Every method times the same rows: 8 current rows (+ 8 replay rows for all but seq) of 512 random tokens, the
 last 64 of each the answer (the only labelled tokens, as in TRACE). A fresh model is built for every method.
@@ -13,8 +15,11 @@ fast one, and the slow update as a Python loop over named_parameters (here the c
 CE through the model's `labels=` (full-vocab logits, as the authors' code); peft-ans uses ilora's answer-only
 LM head, to separate that saving from the structural ones. The step time is the median of CUDA-event timings
 after warm-up; the peak memory is over the timed steps. See BENCHMARKS.md for the FLOP count behind the MFU.
+Under torchrun every process builds the same rows, and ilora.train_step gives each its share of them, as in a run:
+the step time is rank 0's, tokens/s and the MFU are the global batch's (the MFU over all the processes' cards),
+and the peak memory is one process's. The peft comparators and the evaluation pass run in one process only.
 """
-import argparse, gc, pathlib, statistics, sys, time, warnings
+import argparse, gc, os, pathlib, statistics, sys, time, warnings
 
 import torch
 import torch.nn as nn
@@ -248,7 +253,11 @@ def run_method(name, method, args, device, current, replay, ckpt, rate):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
         if args.compile and device.type == "cuda" and hasattr(ilora, "merged"):
             compile_blocks(model)
-        step = lambda k: ilora.train_step(model, layers, opt, sched, current, rep, cfg, k)
+        ddp = None
+        if ilora.WORLD > 1:  # as ilora.run does: DDP over the transformer, each process its share of the rows
+            device_ids = [device] if device.type == "cuda" else None
+            ddp = torch.nn.parallel.DistributedDataParallel(model.base_model, device_ids=device_ids)
+        step = lambda k: ilora.train_step(model, layers, opt, sched, current, rep, cfg, k, ddp)
     fast0, slow0 = [t.detach().clone() for t in fast], [t.detach().clone() for t in slow]
     big = shape["n_params"] > 3e9
     warmup, steps = (min(args.warmup, 3), min(args.steps, 10)) if big else (args.warmup, args.steps)
@@ -260,7 +269,7 @@ def run_method(name, method, args, device, current, replay, ckpt, rate):
     row = {"ms_per_step": round(ms, 2), "ms_all": [round(x, 2) for x in all_ms], "warmup": warmup, "steps": steps,
            "tokens_per_step": tokens, "tokens_per_s": round(tokens / ms * 1000), "peak_gib": peak and round(peak, 3),
            "grad_ckpt": ckpt, "model_tflop_per_step": round(flops / 1e12, 3),
-           "mfu": round(flops / (ms / 1000) / rate, 4) if rate and not method.startswith("peft") else None,
+           "mfu": round(flops / (ms / 1000) / (rate * ilora.WORLD), 4) if rate and not method.startswith("peft") else None,
            "model_params": shape["n_params"], "lora_params": n_lora}
     moved_fast = max((a - b).abs().max().item() for a, b in zip(fast, fast0))
     moved_slow = max((a - b).abs().max().item() for a, b in zip(slow, slow0))
@@ -327,7 +336,7 @@ def report(results, meta):
             e = res["ilora"]["eval"]
             log(f"eval pass {name}: {e['prompts']} prompts x {e['prompt_tokens']} tokens, up to {e['max_new_tokens']} "
                 f"new, batch {e['batch']}: {e['seconds']:.2f} s, {e['generated_tokens_per_s']} generated tokens/s")
-    log(f"\ndevice: {meta['device']} | bf16 matmul {meta['matmul_n']}^3: {fmt(meta['matmul_tflops'], '.1f')} TFLOP/s\n")
+    log(f"\ndevice: {meta['device']} x {meta['world_size']} processes | bf16 matmul {meta['matmul_n']}^3: {fmt(meta['matmul_tflops'], '.1f')} TFLOP/s\n")
     log("| model | method | ckpt | ms/step | tokens/s | peak GiB | time x replay | peak x replay | time x ilora | MFU % |")
     log("|---|---|---|---|---|---|---|---|---|---|")
     step, speedup, mem, mfu = {}, {}, {}, {}
@@ -402,12 +411,18 @@ def main(argv=None):
     args.methods = args.methods.split(",")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    if ilora.WORLD > 1:  # torchrun: this process's GPU; the comparators and the eval pass are one-process code
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        ilora.init_distributed(device)
+        args.methods = [m for m in args.methods if not m.startswith("peft")]
+        args.eval_prompts = 0
     import transformers, peft
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "args": vars(args),
-            "matmul_n": args.matmul_n}
-    log(f"device: {meta['device']} | torch {torch.__version__} | transformers {transformers.__version__} | "
-        f"peft {peft.__version__}")
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "world_size": ilora.WORLD, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "args": vars(args), "matmul_n": args.matmul_n}
+    log(f"device: {meta['device']} x {ilora.WORLD} processes | torch {torch.__version__} | transformers "
+        f"{transformers.__version__} | peft {peft.__version__}")
     rate = matmul_rate(device, args.matmul_n) if device.type == "cuda" else None
     meta["matmul_tflops"] = rate and rate / 1e12
     log(f"bf16 matmul {args.matmul_n}^3: {fmt(rate and rate / 1e12, '.1f')} TFLOP/s")
@@ -421,6 +436,7 @@ def main(argv=None):
     failed = [f"{n}/{m}" for n, res in results.items() for m, r in res.items() if "error" in r or "extras_error" in r]
     if failed:
         log(f"failed: {', '.join(failed)}")
+    ilora.end_distributed()
     return 1 if failed and args.tiny else 0  # the smoke test fails loudly; a GPU run keeps what it measured
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The torchrun measurements (issue 20) on one node of two H200s, after ../shared/tools/gpu_stage.sh, from the
+# repository root. Each phase fits one 10-minute command; logs and JSON go to $OUT (default /tmp/out).
+#   bash experiments/gpu_two.sh bench       # bench.py: the step's global tokens/s at 1 and 2 processes, same global
+#                                           # batch (8 current + 8 replay rows of 512 tokens); Llama-2-7B, SmolLM2
+#   bash experiments/gpu_two.sh trace8 1    # one TRACE-8 ilora run (1 epoch, both learners scored after every
+#   bash experiments/gpu_two.sh trace8 2    # task) at 1 process, then at 2: wall time and R
+#   bash experiments/gpu_two.sh evalbatch   # eval_batch.py: a TRACE-8 scoring pass at several --eval-batch-size
+set -euo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+M=/root/ilora-model/smollm2-135m-instruct; D=/root/ilora-data/trace_500
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+case "$1" in
+  bench)
+    for n in 1 2; do
+      torchrun --nproc_per_node $n experiments/bench.py --models llama2-7b,smollm2 --smollm2-path $M \
+        --methods seq,replay,ilora --eval-prompts 0 --no-sync-check --out "$OUT/bench_${n}proc.json" \
+        > "$OUT/bench_${n}proc.log" 2>&1 || true
+      grep -E "^\| |device" "$OUT/bench_${n}proc.log" || tail -n 20 "$OUT/bench_${n}proc.log"
+    done ;;
+  trace8)
+    n=$2
+    T8="--data-dir $D --model $M --tasks C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten
+        --epochs 1 --batch-size 8 --max-len 768 --max-new-tokens 64 --rank 8 --alpha 16 --dropout 0.05
+        --buffer-size 500 --eval-batch-size 100 --eval-learner both --log-every 50 --method ilora --lr 1e-3
+        --lam 0.9 --gamma 0.1"
+    SECONDS=0
+    torchrun --nproc_per_node $n ilora.py $T8 --out /tmp/trace8_${n}proc --overwrite > "$OUT/trace8_${n}proc.log" 2>&1 || true
+    echo "$n process(es): wall ${SECONDS} s" | tee -a "$OUT/trace8_${n}proc.log"
+    cp /tmp/trace8_${n}proc/results.json "$OUT/trace8_${n}proc.json" || true
+    tail -n 4 "$OUT/trace8_${n}proc.log" ;;
+  evalbatch)
+    python3 experiments/eval_batch.py --model $M --data-dir $D --sizes 8,16,32,64,100,128 \
+      --out "$OUT/eval_batch_gpu.json" 2>&1 | tee "$OUT/eval_batch_gpu.log" ;;
+esac
