@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The torchrun measurements (issue 20) on one node of two H200s, after ../shared/tools/gpu_stage.sh, from the
-# repository root. Each phase fits one 10-minute command; logs and JSON go to $OUT (default /tmp/out).
-#   bash experiments/gpu_two.sh bench       # bench.py: the step's global tokens/s at 1 and 2 processes, same global
-#                                           # batch (8 current + 8 replay rows of 512 tokens); Llama-2-7B, SmolLM2
-#   bash experiments/gpu_two.sh trace8 1    # one TRACE-8 ilora run (1 epoch, both learners scored after every
-#   bash experiments/gpu_two.sh trace8 2    # task) at 1 process, then at 2: wall time and R
-#   bash experiments/gpu_two.sh evalbatch   # eval_batch.py: a TRACE-8 scoring pass at several --eval-batch-size
+# The torchrun measurements (issues 20 and 23) on one node of several H200s, after ../shared/tools/gpu_stage.sh,
+# from the repository root. Each phase fits one 10-minute command; logs and JSON go to $OUT (default /tmp/out).
+#   bash experiments/gpu_torchrun.sh bench       # bench.py: the step's global tokens/s at 1 and 2 processes, the
+#                                                # same global batch (8 current + 8 replay rows of 512 tokens);
+#                                                # Llama-2-7B and SmolLM2 shapes. PROCS="1 2 4 8" on 8 GPUs
+#   bash experiments/gpu_torchrun.sh trace8 1    # one TRACE-8 ilora run (1 epoch, both learners scored after every
+#   bash experiments/gpu_torchrun.sh trace8 2    # task) at 1 process, then at 2: wall time and R
+#   bash experiments/gpu_torchrun.sh evalbatch   # eval_batch.py: a TRACE-8 scoring pass at several batch sizes
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 M=/root/ilora-model/smollm2-135m-instruct; D=/root/ilora-data/trace_500
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 case "$1" in
   bench)
-    for n in 1 2; do
+    for n in ${PROCS:-1 2}; do
       torchrun --nproc_per_node $n experiments/bench.py --models llama2-7b,smollm2 --smollm2-path $M \
         --methods seq,replay,ilora --eval-prompts 0 --no-sync-check --out "$OUT/bench_${n}proc.json" \
         > "$OUT/bench_${n}proc.log" 2>&1 || true
