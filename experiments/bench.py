@@ -17,7 +17,7 @@ LM head, to separate that saving from the structural ones. The step time is the 
 after warm-up; the peak memory is over the timed steps. See BENCHMARKS.md for the FLOP count behind the MFU.
 Under torchrun every process builds the same rows, and ilora.train_step gives each its share of them, as in a run:
 the step time is rank 0's, tokens/s and the MFU are the global batch's (the MFU over all the processes' cards),
-and the peak memory is one process's. The peft comparators and the evaluation pass run in one process only.
+and the peak memory is one process's. The peft comparators and the evaluation pass are left out under torchrun.
 """
 import argparse, gc, os, pathlib, statistics, sys, time, warnings
 

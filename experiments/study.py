@@ -10,17 +10,19 @@ order (each later one needs the rule of the one before to have decided):
     python experiments/study.py grid ...     # screen 2: ilora at its lr over lam x gamma, gamma 0, lam 0.25
     python experiments/study.py finals ...   # test splits, 4 seeds, TRACE's order and the reversed one
 
-and the rules and tables, from the runs under --root (no model, no GPU):
+and the rules and reports, from the finished runs under --decided (default: the committed ones, results/study/;
+no model, no GPU), then what a wave needs, from the runs under --root:
 
     python experiments/study.py budget       # the pilot's table and the epochs it chooses
     python experiments/study.py select       # the screen's tables, each method's lr and the best ilora setting
     python experiments/study.py report       # the finals: metrics, skill above the majority, paired intervals
     python experiments/study.py table PHASE  # one line a finished run
-    python experiments/study.py pack PHASE OUT   # the phase's runs as OUT/PHASE-*.tgz, unfinished ones resumable
+    python experiments/study.py pack PHASE OUT   # the phase's runs as OUT/FOLDER-*.tgz, unfinished ones resumable
+                                                 # (FOLDER: the phase's, screen for lr and grid)
 
 Every run uses --deterministic (the default of ilora.py) unless its phase says otherwise.
 """
-import argparse, itertools, json, math, pathlib, statistics, sys, tarfile
+import argparse, itertools, json, math, pathlib, re, statistics, sys, tarfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # ilora.py is one folder up
@@ -40,7 +42,11 @@ GAMMAS = (0.03, 0.1, 0.3, 1.0)
 SCREEN_SEEDS = (0, 1)
 FINAL_SEEDS = (0, 1, 2, 3)
 FOLDER = {"repro": "repro", "pilot": "pilot", "lr": "screen", "grid": "screen", "finals": "finals"}
-TIE = 0.01  # OP gaps under 1 point are ties
+TIE = 1.0  # OP gaps under 1 point are ties
+
+def points(x):
+    """A score or a gap in [0, 1] as points, rounded off below 1e-9: an exact 1-point gap stays exactly 1."""
+    return round(100 * x, 9)
 
 class NotDecided(Exception):
     """A phase needs the decision of an earlier phase that is not complete."""
@@ -148,7 +154,7 @@ def gains_after_training(res, folder, data_dir):
             gains[task] = skill
     return gains
 
-LEARNED = 0.05  # a task is learned when its mean gain is above 5 points (100 eval items: one answer is 1 point)
+LEARNED = 0.05  # a task is learned when its mean gain is above 5 points (5 of 100 eval answers; NumGLUE-cm has 41)
 
 def pilot_summary(root, data_dir=DATA):
     """{(epochs, method, lr): {"OP", "BWT": means over the seeds, "learned": tasks whose mean gain is above
@@ -163,7 +169,7 @@ def pilot_summary(root, data_dir=DATA):
     summary = {}
     for key, runs in sorted(groups.items()):
         tasks = runs[0][2]
-        learned = [t for t in tasks if statistics.mean(g[t] for _, _, g in runs) > LEARNED]
+        learned = [t for t in tasks if points(statistics.mean(g[t] for _, _, g in runs)) > points(LEARNED)]
         summary[key] = {"OP": statistics.mean(r[0] for r in runs), "BWT": statistics.mean(r[1] for r in runs),
                         "learned": learned, "seeds": len(runs)}
     return summary
@@ -184,7 +190,8 @@ def choose_budget(summary, n_seeds=2, forgets=-0.05, most=6):
         if not complete:
             raise NotDecided(f"the pilot's {epochs}-epoch runs are not all finished")
         best = {method: max(rows, key=lambda r: r["OP"]) for method, rows in methods.items()}
-        ok = best["seq"]["BWT"] <= forgets and all(len(best[m]["learned"]) >= most for m in ("seq", "replay"))
+        forgot = points(best["seq"]["BWT"]) <= points(forgets)
+        ok = forgot and all(len(best[m]["learned"]) >= most for m in ("seq", "replay"))
         checked[epochs] = (ok, len(best["replay"]["learned"]), best)
     if len(checked) < 3:
         raise NotDecided(f"the pilot has finished runs at {sorted(checked)} epochs of 1, 3 and 5")
@@ -196,17 +203,24 @@ def choose_budget(summary, n_seeds=2, forgets=-0.05, most=6):
 def budget(root, data_dir=DATA):
     return choose_budget(pilot_summary(root, data_dir))
 
+def seeded(name):
+    """(setting, seed) of a run name 'SETTING-sSEED', or None for any other folder."""
+    match = re.fullmatch(r"(.+)-s(\d+)", name)
+    return (match[1], int(match[2])) if match else None
+
 def screen_means(root):
-    """{setting name: (mean eval OP of the answering learner over the seeds, seeds)} of the finished screen runs."""
+    """{setting name: (mean eval OP of the answering learner over the seeds, seeds)} of the finished screen runs
+    (folders of the screen's seeds only)."""
     groups = {}
     for name, res in load_folder(pathlib.Path(root) / "screen").items():
-        groups.setdefault(name.rsplit("-s", 1)[0], []).append(res["metrics"][answering(res)]["OP"])
+        if seeded(name) and seeded(name)[1] in SCREEN_SEEDS:
+            groups.setdefault(seeded(name)[0], []).append(res["metrics"][answering(res)]["OP"])
     return {name: (statistics.mean(ops), len(ops)) for name, ops in groups.items()}
 
 def best_of(means, simplicity):
     """The setting of highest mean; gaps under 1 point are ties, and the simplest tied setting wins."""
     top = max(means.values())
-    tied = [name for name, mean in means.items() if mean > top - TIE]
+    tied = [name for name, mean in means.items() if points(top - mean) < TIE]
     return min(tied, key=simplicity)
 
 def require_complete(means, settings):
@@ -328,7 +342,10 @@ def report(root, data_dir):
              "|---|---|---|---|---|---|---|---|"]
     groups = {}
     for name, res in runs.items():
-        arm, order, seed = name.rsplit("-", 2)
+        match = re.fullmatch(r"(.+)-(trace|reversed)-s(\d+)", name)
+        if match is None:  # not a finals run
+            continue
+        arm, order, seed = match.groups()
         for learner in res["learners"]:
             groups.setdefault((arm, learner), []).append((order, seed, name, res))
     for (arm, learner), members in groups.items():
@@ -384,6 +401,8 @@ def main():
         elif args.action == "report":
             print(report(decided, args.data_dir))
         elif args.action in ("table", "pack"):
+            if args.phase is None or (args.action == "pack" and args.dest is None):
+                p.error(f"{args.action} needs a phase" + (" and a destination folder" if args.action == "pack" else ""))
             runs = phase_runs(args.phase, decided, args.data_dir)
             folder = root / FOLDER[args.phase]
             if args.action == "table":

@@ -47,6 +47,8 @@ def test_gaps_under_one_point_are_ties_and_the_simplest_tied_setting_wins():
     assert study.best_of({"a": 0.300, "b": 0.309, "c": 0.2995}, order) == "c"  # all within 1 point of b
     assert study.best_of({"a": 0.300, "b": 0.309, "c": 0.2985}, order) == "a"  # c is 1.05 points behind
     assert study.best_of({"a": 0.300, "b": 0.311, "c": 0.2995}, order) == "b"  # b is 1.1 points ahead: alone
+    assert study.best_of({"b": 0.31, "c": 0.30}, order) == "b"  # exactly 1 point (0.0100000000000000009 in floats)
+    assert study.best_of({"b": 0.31, "c": 0.3000001}, order) == "c"
 
 def write_screen(root, ops):
     for name, op in ops.items():
@@ -69,17 +71,19 @@ def test_the_screen_picks_each_methods_lr_then_the_best_ilora_setting_with_the_t
         study.select(tmp_path)
     ops = {}
     for setting in study.grid_settings(5e-4):
-        op = {(0.95, 0.3): 0.400, (0.98, 0.03): 0.395, (0.9, 0.0): 0.380}.get((setting["lam"], setting["gamma"]), 0.3)
+        op = {(0.95, 0.3): 0.400, (0.98, 0.03): 0.395, (0.9, 0.0): 0.380, (0.95, 0.0): 0.392}.get(
+            (setting["lam"], setting["gamma"]), 0.3)
         if setting["lam"] == 0.9 and setting["gamma"] == 0.1:
             continue  # run by the lr phase already (the same name)
         for seed in study.SCREEN_SEEDS:
             ops[f"{study.setting_name(setting)}-s{seed}"] = op
     write_screen(tmp_path, ops)
     chosen = study.select(tmp_path)
-    # lam 0.95 gamma 0.3 leads; lam 0.98 gamma 0.03 ties it (0.5 point) but is not simpler (larger lam); the
-    # gamma-0 setting is 2 points behind: no tie
-    assert chosen["ilora"] == {"method": "ilora", "lr": 5e-4, "lam": 0.95, "gamma": 0.3}
-    assert chosen["ilora with consistency"] == chosen["ilora"]
+    # lam 0.95 gamma 0.3 leads; lam 0.95 gamma 0 ties it (0.8 point) and is simpler: it is the best ilora. Among
+    # the settings with consistency, lam 0.98 gamma 0.03 ties the leader (0.5 point) but its lam is larger; lam 0.9
+    # gamma 0 is 2 points behind: no tie
+    assert chosen["ilora"] == {"method": "ilora", "lr": 5e-4, "lam": 0.95, "gamma": 0.0}
+    assert chosen["ilora with consistency"] == {"method": "ilora", "lr": 5e-4, "lam": 0.95, "gamma": 0.3}
     assert chosen["seq"] == {"method": "seq", "lr": 1e-3} and chosen["replay"] == {"method": "replay", "lr": 2e-3}
 
 def test_the_finals_pair_every_arm_by_seed_and_order_and_ablate_consistency_alone(tmp_path, monkeypatch):
@@ -90,6 +94,9 @@ def test_the_finals_pair_every_arm_by_seed_and_order_and_ablate_consistency_alon
                                                       "ilora": best, "ilora with consistency": best})
     runs = study.phase_runs("finals", tmp_path)
     assert len(runs) == 5 * 2 * 4  # seq, replay, ilora, ilora-g0, ilora-old; two orders; four seeds
+    old = runs["ilora-old-trace-s0"]
+    assert [old[old.index(f) + 1] for f in ("--lam", "--gamma", "--lr", "--tasks")] == ["0.99", "1.0", "0.0005",
+                                                                                      study.TRACE8]
     twin = runs["ilora-g0-reversed-s3"]
     assert twin[twin.index("--gamma") + 1] == "0.0" and twin[twin.index("--lam") + 1] == "0.95"
     assert twin[twin.index("--lr") + 1] == "0.0005" and twin[twin.index("--seed") + 1] == "3"
@@ -101,3 +108,51 @@ def test_the_paired_interval_is_students_t_over_the_common_pairs():
     mean, half, n = study.paired({1: 3.0, 2: 5.0, 3: 9.0}, {1: 1.0, 2: 1.0})
     assert (mean, n) == (3.0, 2) and half == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5)
     assert study.paired({1: 1.0}, {1: 0.0}) is None
+
+def test_a_best_ilora_without_consistency_that_is_not_the_twin_gets_an_arm_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "budget", lambda root, data_dir=None: (3, True, {}))
+    cons = {"method": "ilora", "lr": 5e-4, "lam": 0.95, "gamma": 0.3}
+    alone = {"method": "ilora", "lr": 5e-4, "lam": 0.8, "gamma": 0.0}
+    monkeypatch.setattr(study, "select", lambda root: {"seq": {"method": "seq", "lr": 1e-3},
+                                                      "replay": {"method": "replay", "lr": 2e-3},
+                                                      "ilora": alone, "ilora with consistency": cons})
+    runs = study.phase_runs("finals", tmp_path)
+    assert len(runs) == 6 * 2 * 4
+    best = runs["ilora-best-trace-s1"]
+    assert [best[best.index(f) + 1] for f in ("--lam", "--gamma")] == ["0.8", "0.0"]
+
+def write_run(folder, tasks, R, learners=("fast",), method="seq"):
+    folder.mkdir(parents=True)
+    metrics = {learner: {"OP": sum(R[-1]) / len(R[-1]), "BWT": -0.1, "FWT": 0.0, "F": 0.1} for learner in learners}
+    (folder / "results.json").write_text(json.dumps({"tasks": tasks, "learners": list(learners), "method": method,
+                                                     "R": {learner: R for learner in learners}, "metrics": metrics}))
+
+def test_the_pilot_summary_reads_method_epochs_and_lr_from_the_names_and_gains_from_R(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "majority_rows", lambda *args: [])  # no choice task among these
+    tasks = ["a", "b"]
+    R = [[0.1, 0.2], [0.5, 0.21], [0.3, 0.9]]  # a gains 40 points, b 70; b's 1 point before its training is no gain
+    for seed in (0, 1):
+        write_run(tmp_path / "pilot" / f"replay-e3-lr0.003-s{seed}", tasks, R)
+    summary = study.pilot_summary(tmp_path)
+    assert list(summary) == [(3, "replay", 0.003)]
+    assert summary[3, "replay", 0.003]["learned"] == ["a", "b"] and summary[3, "replay", 0.003]["seeds"] == 2
+    R[2][1] = 0.24  # b: 4 points over the base model, under the 5-point bar
+    write_run(tmp_path / "pilot" / "seq-e5-lr0.001-s0", tasks, R)
+    assert study.pilot_summary(tmp_path)[5, "seq", 0.001]["learned"] == ["a"]
+
+def test_the_report_pairs_arms_by_seed_and_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "majority_rows", lambda *args: [])
+    tasks = ["a", "b"]
+    for order, seed, ilora_op, replay_op in (("trace", 0, 0.40, 0.30), ("reversed", 0, 0.36, 0.30),
+                                             ("trace", 1, 0.38, 0.31), ("reversed", 3, 0.50, 0.10)):
+        write_run(tmp_path / "finals" / f"ilora-{order}-s{seed}", tasks, [[0, 0]] * 2 + [[ilora_op] * 2],
+                  ("slow", "fast"), "ilora")
+        if seed != 3:  # replay's seed-3 run is missing: its ilora run has no pair
+            write_run(tmp_path / "finals" / f"replay-{order}-s{seed}", tasks, [[0, 0]] * 2 + [[replay_op] * 2])
+    write_run(tmp_path / "finals" / "ilora-g0-reversed-s3", tasks, [[0, 0]] * 3, ("slow", "fast"), "ilora")
+    write_run(tmp_path / "finals" / "ilora-trace-s0-old", tasks, [[0, 0]] * 3)  # not a finals name: left out
+    text = study.report(tmp_path, None)
+    assert "| ilora | slow | 4 |" in text and "| replay | fast | 3 |" in text and "| ilora-g0 | slow | 1 |" in text
+    assert "ilora-trace" not in text and "| ilora | fast | 4 |" in text
+    line = next(l for l in text.splitlines() if l.startswith("| I-LoRA (slow) - replay"))
+    assert line.startswith("| I-LoRA (slow) - replay | 3 | +7.67 |")  # (10 + 6 + 7) / 3 points
