@@ -12,7 +12,8 @@ Every targeted linear layer W gets two copies of LoRA factors (Hu et al., arXiv 
 `--method seq` (sequential LoRA) and `--method replay` (experience replay) run the same code with switches off.
 
 The method is everything above the banner "Machinery". For the method alone in another training loop, copy from
-BatchDropout down to train_step (in one process, drop train_step's process_share and dropout_place lines). Below
+BatchDropout down to train_step (in one process, drop train_step's process_share, dropout_place and sum_gradients
+lines). Below
 the banner: options, task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun, the CLI.
 
     python ilora.py                                      # 8 built-in tasks on SmolLM2-135M-Instruct, CPU ok
@@ -329,10 +330,10 @@ def autocast(device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-def train_step(model, layers, opt, sched, current, replay, cfg, step, ddp=None):
+def train_step(model, layers, opt, sched, current, replay, cfg, step):
     """One optimizer step of the fast learner on current + replay rows, then the slow learner's interpolation.
-    Returns the CE and the consistency term as device tensors (no host sync). Under torchrun, ddp is the
-    transformer in DistributedDataParallel and this process takes its share of the rows (process_share)."""
+    Returns the CE and the consistency term as device tensors (no host sync). Under torchrun this process takes
+    its share of the rows (process_share), and the processes' gradients are summed (sum_gradients)."""
     backbone = model.base_model  # the transformer without the LM head
     # the means are over the whole batch: its answer tokens (CE) and its replay tokens (consistency)
     n_answer = sum(len(ids) - n_prompt for ids, n_prompt in current + replay)
@@ -348,16 +349,17 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step, ddp=None):
             h_slow = slow_block_outputs(backbone, layers, ids[n:], mask[n:]) if use_slow else None
             # 3. the fast learner on current + replay in one forward, keeping its block outputs
             with block_outputs(backbone) as h_fast:
-                out = (ddp or backbone)(input_ids=ids, attention_mask=mask, use_cache=False)
+                out = backbone(input_ids=ids, attention_mask=mask, use_cache=False)
             # 4. L = CE(fast; current + replay) + gamma * MSE(h_fast(replay), stopgrad h_slow(replay))
             ce = lm_loss(model, out.last_hidden_state, labels, pos, n_answer)
             cons = torch.zeros((), device=model.device)
             if use_slow:
                 cons = consistency_loss([h[n:] for h in h_fast], h_slow, mask[n:], n_replay)
             loss = ce + cfg.gamma * cons
-        # 5. update the fast learner (torchrun: each process holds its share of the sums, and DDP averages the
-        # processes' gradients, hence the factor WORLD)
-        (WORLD * loss).backward()
+        # 5. update the fast learner (torchrun: each process's loss is its share of the sums, so the sum of the
+        # processes' gradients is the whole batch's)
+        loss.backward()
+    sum_gradients(fast_tensors(layers))
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(fast_tensors(layers), cfg.grad_clip)
     opt.step()
@@ -381,7 +383,7 @@ def set_seed(seed, task=0):
     random.seed(seed + task * 2 ** 32)
     torch.manual_seed(seed + task * 2 ** 32)  # also seeds every CUDA device
 
-def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
+def train_task(model, layers, examples, t, buffer, cfg, state):
     """Train the fast learner on task t's (ids, n_prompt) examples; state holds the global step and counters."""
     from tqdm import tqdm
     opt = torch.optim.AdamW(fast_tensors(layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -401,7 +403,7 @@ def train_task(model, layers, examples, t, buffer, cfg, state, ddp=None):
                 if cfg.method != "seq" and t > 1:  # there is nothing to replay during the first task
                     replay = buffer.sample(len(current))
                 state["step"] += 1
-                sums += torch.stack(train_step(model, layers, opt, sched, current, replay, cfg, state["step"], ddp))
+                sums += torch.stack(train_step(model, layers, opt, sched, current, replay, cfg, state["step"]))
                 state["tokens"] += sum(len(ids) for ids, _ in current + replay)
                 # each example enters the buffer once, after its step: no batch of the first epoch replays itself
                 if epoch == 0 and cfg.method != "seq":
@@ -1054,8 +1056,8 @@ def data_fingerprint(tasks):
             for name, splits in tasks.items() for split, records in splits.items()}
 
 # ----------------------------------------------------------------------------------------------------------------
-# torchrun: data-parallel over the fast learner. In one process RANK is 0 of WORLD 1, and these helpers hand
-# everything through unchanged.
+# torchrun: data-parallel over the fast learner, one all-reduce of its gradients a step. In one process RANK is
+# 0 of WORLD 1, and these helpers hand everything through unchanged.
 
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
@@ -1115,7 +1117,7 @@ def process_share(current, replay):
         return current, replay, None
     rows = shard(range(len(current))) + [len(current) + i for i in shard(range(len(replay)))]
     my_current = shard(current)
-    if not rows:  # fewer rows than processes: a row with no answer token keeps this process in DDP's step
+    if not rows:  # fewer rows than processes: a row with no answer token gives this process gradients to sum
         ids, _ = current[0]
         my_current = [(ids, len(ids))]
         rows = [0]
@@ -1138,6 +1140,25 @@ def sum_over_processes(values):
     if WORLD > 1:
         torch.distributed.all_reduce(values)
     return values
+
+def sum_gradients(tensors):
+    """Replace each tensor's gradient by its sum over the processes, in one all-reduce: each process has the
+    gradient of its share of the batch's loss, so the sum is the whole batch's gradient. Gradients that no forward
+    reached (None) are left out, on every process alike. Covers every LoRA layer, inside the transformer or not
+    (an LM head target)."""
+    grads = [t.grad for t in tensors if t.grad is not None]
+    if WORLD == 1 or not grads:
+        return
+    flat = sum_over_processes(torch.cat([g.flatten() for g in grads]))
+    for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(summed.view_as(g))
+
+def same_on_every_process(tensors):
+    """Copy rank 0's values of the tensors to every process: the learners start equal, whatever random draws
+    loading the model made on each process (rank 0 converts the GGUF, the others read its copy)."""
+    if WORLD > 1:
+        for t in tensors:
+            torch.distributed.broadcast(t.data, src=0)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The run: check every input, load, then train and score task after task; and the command line.
@@ -1227,10 +1248,7 @@ def run(cfg):
     if cfg.grad_ckpt:  # non-reentrant: the LoRA factors get gradients though the blocks' frozen inputs need none
         with warnings.catch_warnings(action="ignore", category=FutureWarning):  # transformers 5.2x renamed it
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ddp = None
-    if WORLD > 1:  # torchrun: DDP all-reduces the fast learner's gradients, the only ones there are
-        device_ids = [device] if device.type == "cuda" else None
-        ddp = torch.nn.parallel.DistributedDataParallel(model.base_model, device_ids=device_ids)
+    same_on_every_process(fast_tensors(layers) + slow_tensors(layers))  # torchrun: rank 0's initial learners
     n_trainable = sum(p.numel() for p in fast_tensors(layers))
     print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(layers)} "
           f"LoRA layers, {n_trainable / 1e6:.3f}M trainable, on {device}")
@@ -1268,7 +1286,7 @@ def run(cfg):
     base = model_source(cfg.model)[0]  # where peft finds the base model offline (the default: its converted copy)
     for t in range(state["done"] + 1, n_tasks + 1):
         start = time.time()
-        train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state, ddp)
+        train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state)
         state["train_s"] += time.time() - start
         if cfg.eval_every_task or t == n_tasks:
             score_row(t)

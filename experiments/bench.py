@@ -4,7 +4,7 @@
         --steps 20 --warmup 5 --out bench.json          # GPU (bf16); about 3 minutes on one H100
     python bench.py --tiny                               # CPU smoke test, a few seconds
     torchrun --nproc_per_node 2 bench.py --models llama2-7b --methods seq,replay,ilora --eval-prompts 0 \
-        --out bench_2.json                               # the same global batch over 2 processes (DDP)
+        --out bench_2.json                               # the same global batch over 2 processes
 
 Every method times the same rows: 8 current rows (+ 8 replay rows for all but seq) of 512 random tokens, the
 last 64 of each the answer (the only labelled tokens, as in TRACE). A fresh model is built for every method.
@@ -253,11 +253,8 @@ def run_method(name, method, args, device, current, replay, ckpt, rate):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
         if args.compile and device.type == "cuda" and hasattr(ilora, "merged"):
             compile_blocks(model)
-        ddp = None
-        if ilora.WORLD > 1:  # as ilora.run does: DDP over the transformer, each process its share of the rows
-            device_ids = [device] if device.type == "cuda" else None
-            ddp = torch.nn.parallel.DistributedDataParallel(model.base_model, device_ids=device_ids)
-        step = lambda k: ilora.train_step(model, layers, opt, sched, current, rep, cfg, k, ddp)
+        # under torchrun train_step takes this process's share of the rows and sums the gradients, as in a run
+        step = lambda k: ilora.train_step(model, layers, opt, sched, current, rep, cfg, k)
     fast0, slow0 = [t.detach().clone() for t in fast], [t.detach().clone() for t in slow]
     big = shape["n_params"] > 3e9
     warmup, steps = (min(args.warmup, 3), min(args.steps, 10)) if big else (args.warmup, args.steps)
