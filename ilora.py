@@ -13,8 +13,8 @@ Every targeted linear layer W gets two copies of LoRA factors (Hu et al., arXiv 
 
 The method is everything above the banner "Machinery". For the method alone in another training loop, copy from
 BatchDropout down to train_step (in one process, drop train_step's process_share, dropout_place and sum_gradients
-lines). Below
-the banner: options, task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun, the CLI.
+lines). Below the banner: options, task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun,
+the CLI.
 
     python ilora.py                                      # 8 built-in tasks on SmolLM2-135M-Instruct, CPU ok
     python ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC,ScienceQA --method replay
