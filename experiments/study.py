@@ -26,7 +26,7 @@ import argparse, itertools, json, math, pathlib, re, statistics, sys, tarfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # ilora.py is one folder up
-from trace8 import run_jobs  # runs (out, argv) jobs side by side; skips finished ones, resumes stopped ones
+from trace8 import load, run_jobs  # run_jobs: jobs side by side; finished ones skipped, stopped ones resumed
 from majority import CHOICE_TASKS, DATA, majority_rows
 
 TRACE8 = "C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten"
@@ -132,13 +132,6 @@ def phase_runs(phase, root=None, data_dir=DATA):
 # ----------------------------------------------------------------------------------------------------------------
 # The rules, written down before the runs they judge.
 
-def load_folder(folder):
-    """{run name: results.json} of the finished runs in a folder."""
-    found = {}
-    for path in sorted(pathlib.Path(folder).glob("*/results.json")):
-        found[path.parent.name] = json.loads(path.read_text())
-    return found
-
 def answering(res):
     """The learner that answers: the slow one for ilora (the first scored), the fast one otherwise."""
     return res["learners"][0]
@@ -161,7 +154,7 @@ def pilot_summary(root, data_dir=DATA):
     LEARNED, "seeds"}} of the finished pilot runs."""
     folder = pathlib.Path(root) / "pilot"
     groups = {}
-    for name, res in load_folder(folder).items():
+    for name, res in load(pathlib.Path(root), "pilot").items():
         method, epochs, lr, _ = name.split("-")
         m = res["metrics"][answering(res)]
         gains = gains_after_training(res, folder / name, data_dir)
@@ -212,7 +205,7 @@ def screen_means(root):
     """{setting name: (mean eval OP of the answering learner over the seeds, seeds)} of the finished screen runs
     (folders of the screen's seeds only)."""
     groups = {}
-    for name, res in load_folder(pathlib.Path(root) / "screen").items():
+    for name, res in load(pathlib.Path(root), "screen").items():
         if seeded(name) and seeded(name)[1] in SCREEN_SEEDS:
             groups.setdefault(seeded(name)[0], []).append(res["metrics"][answering(res)]["OP"])
     return {name: (statistics.mean(ops), len(ops)) for name, ops in groups.items()}
@@ -282,7 +275,7 @@ def pack(root, runs, out, name, limit=14 << 20):
                 tar.add(path, arcname=arcname)
 
 def table(folder, runs, phase):
-    done = {name: res for name, res in load_folder(folder).items() if name in runs}
+    done = {name: res for name, res in load(folder.parent, folder.name).items() if name in runs}
     lines = [f"{len(done)} of {len(runs)} runs of {phase} finished", "",
              "| run | learner | OP | BWT | FWT | F | R after task 1 | train s | eval s |", "|---" * 9 + "|"]
     for name, res in done.items():
@@ -336,7 +329,7 @@ def report(root, data_dir):
     """The finals: each arm and learner's metrics (mean ± sd over seeds and orders), skill above the majority
     answer at the end, and the seed-paired differences that answer the study's question."""
     folder = pathlib.Path(root) / "finals"
-    runs = load_folder(folder)
+    runs = load(folder.parent, folder.name)
     ops = {}  # (arm, learner) -> {(order, seed): OP}
     lines = ["| arm | learner | runs | OP | BWT | FWT | F | skill above the majority (C-STANCE, FOMC, ScienceQA) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -54,6 +54,7 @@ def write_screen(root, ops):
     for name, op in ops.items():
         folder = root / "screen" / name
         folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
         learners = ["slow", "fast"] if name.startswith("ilora") else ["fast"]
         metrics = {learner: {"OP": op if learner == learners[0] else 0.0} for learner in learners}
         (folder / "results.json").write_text(json.dumps({"learners": learners, "metrics": metrics}))
@@ -123,6 +124,7 @@ def test_a_best_ilora_without_consistency_that_is_not_the_twin_gets_an_arm_of_it
 
 def write_run(folder, tasks, R, learners=("fast",), method="seq"):
     folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
     metrics = {learner: {"OP": sum(R[-1]) / len(R[-1]), "BWT": -0.1, "FWT": 0.0, "F": 0.1} for learner in learners}
     (folder / "results.json").write_text(json.dumps({"tasks": tasks, "learners": list(learners), "method": method,
                                                      "R": {learner: R for learner in learners}, "metrics": metrics}))
