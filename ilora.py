@@ -1146,8 +1146,10 @@ def sum_gradients(tensors):
     gradient of its share of the batch's loss, so the sum is the whole batch's gradient. Gradients that no forward
     reached (None) are left out, on every process alike. Covers every LoRA layer, inside the transformer or not
     (an LM head target)."""
+    if WORLD == 1:
+        return
     grads = [t.grad for t in tensors if t.grad is not None]
-    if WORLD == 1 or not grads:
+    if not grads:
         return
     flat = sum_over_processes(torch.cat([g.flatten() for g in grads]))
     for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
