@@ -381,6 +381,7 @@ def main():
     p.add_argument("--decided", default=str(HERE / "results/study"),
                    help="the finished runs whose rules decide the later phases (the committed results)")
     p.add_argument("-j", "--parallel", type=int, default=12, help="runs at once")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the runs are spread over (each run uses one)")
     p.add_argument("--deadline", type=float, default=0, help="stop every run after this many seconds, 0 = never")
     p.add_argument("--extra", default="", help="more ilora.py arguments for every run (caps for a smoke test)")
     args = p.parse_args()
@@ -406,7 +407,8 @@ def main():
             base = ["--model", args.model, "--data-dir", args.data_dir, *COMMON, *args.extra.split()]
             runs = phase_runs(args.action, decided, args.data_dir)
             folder = root / FOLDER[args.action]
-            run_jobs([(folder / name, [*base, *argv]) for name, argv in runs.items()], args.parallel, args.deadline)
+            run_jobs([(folder / name, [*base, *argv]) for name, argv in runs.items()], args.parallel, args.deadline,
+                     gpus=args.gpus)
             print(table(folder, runs, args.action))
     except NotDecided as e:
         sys.exit(f"error: {e}")

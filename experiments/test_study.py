@@ -158,3 +158,27 @@ def test_the_report_pairs_arms_by_seed_and_order(tmp_path, monkeypatch):
     assert "ilora-trace" not in text and "| ilora | fast | 4 |" in text
     line = next(l for l in text.splitlines() if l.startswith("| I-LoRA (slow) - replay"))
     assert line.startswith("| I-LoRA (slow) - replay | 3 | +7.67 |")  # (10 + 6 + 7) / 3 points
+
+def test_runs_are_spread_over_the_gpus_each_on_the_one_running_fewest(tmp_path, monkeypatch):
+    import trace8
+    started = []  # (run, CUDA_VISIBLE_DEVICES)
+    class FakeRun:  # a run that is still going until the test lets the first one end
+        def __init__(self, cmd, stdout, stderr, env):
+            self.name = pathlib.Path(cmd[cmd.index("--out") + 1]).name
+            self.returncode = 0
+            started.append((self.name, env.get("CUDA_VISIBLE_DEVICES")))
+        def poll(self):
+            return 0 if self.name == "a" else None
+        def terminate(self):
+            pass
+        def wait(self):
+            pass
+    monkeypatch.setattr(trace8.subprocess, "Popen", FakeRun)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    jobs = [(tmp_path / name, []) for name in "abcd"]
+    trace8.run_jobs(jobs, parallel=3, deadline=1.5, gpus=2)
+    # a, b, c start on GPUs 0, 1, 0; a ends, and d takes its place on GPU 0, where one run is left beside b's one
+    assert started == [("a", "0"), ("b", "1"), ("c", "0"), ("d", "0")]
+    started.clear()
+    trace8.run_jobs([(tmp_path / "e", [])], parallel=3, deadline=0.5)
+    assert started == [("e", None)]  # one GPU: the environment is left as it is

@@ -50,9 +50,10 @@ def finished(out, argv):
         return False
     return not ilora.result_changing(json.loads((out / "config.json").read_text()), ilora.parse_args(argv))
 
-def run_jobs(jobs, parallel, deadline, more=lambda: []):
+def run_jobs(jobs, parallel, deadline, more=lambda: [], gpus=1):
     """Run (out, argv) jobs, at most `parallel` at once; after each exit `more()` may add jobs. Runs still going
-    after `deadline` seconds are stopped: their finished tasks stay in checkpoint.pt and the next call resumes them."""
+    after `deadline` seconds are stopped: their finished tasks stay in checkpoint.pt and the next call resumes them.
+    With gpus > 1 each job starts on the GPU that runs the fewest jobs (CUDA_VISIBLE_DEVICES)."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TQDM_MININTERVAL": "30", "PYTHONUNBUFFERED": "1",
            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     pending, running, t0 = list(jobs), {}, time.time()
@@ -69,15 +70,18 @@ def run_jobs(jobs, parallel, deadline, more=lambda: []):
             log = open(out / "log.txt", "a")
             cmd = [sys.executable, str(HERE.parent / "ilora.py"), *argv, "--out", str(out),
                    "--resume" if go_on else "--overwrite"]
-            running[out] = (subprocess.Popen(cmd, stdout=log, stderr=log, env=env), log)
-            say(f"{out.name}: {'resumed' if go_on else 'started'}")
+            gpu = min(range(gpus), key=lambda g: sum(job[2] == g for job in running.values()))
+            job_env = {**env, "CUDA_VISIBLE_DEVICES": str(gpu)} if gpus > 1 else env
+            running[out] = (subprocess.Popen(cmd, stdout=log, stderr=log, env=job_env), log, gpu)
+            on_gpu = f" on GPU {gpu}" if gpus > 1 else ""
+            say(f"{out.name}: {'resumed' if go_on else 'started'}{on_gpu}")
         if deadline and time.time() - t0 > deadline:
-            for out, (proc, log) in running.items():
+            for out, (proc, log, _) in running.items():
                 proc.terminate()
                 proc.wait()
                 say(f"{out.name}: stopped at the deadline")
             return
-        for out, (proc, log) in list(running.items()):
+        for out, (proc, log, _) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
                 del running[out]
