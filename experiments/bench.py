@@ -241,8 +241,8 @@ def run_method(name, method, args, device, current, replay, ckpt, rate):
     shape = model_shape(model)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cfg = ilora.Config(method="ilora" if method.startswith("peft") else method, r=8, alpha=16.0, dropout=0.05,
-                       batch_size=len(current), max_len=args.row_len, grad_ckpt=ckpt, device=device.type)
+    cfg = ilora.Config(method="ilora" if method.startswith("peft") else method, r=8, alpha=16.0,
+                       dropout=args.dropout, batch_size=len(current), max_len=args.row_len, device=device.type)
     rep = [] if method == "seq" else replay
     if method.startswith("peft"):
         step, fast, slow = peft_comparator(model, cfg, current, rep, "hf" if method == "peft" else "ans")
@@ -386,6 +386,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="current rows per step; the replay batch has as many")
     p.add_argument("--row-len", type=int, default=512)
     p.add_argument("--answer-len", type=int, default=64, help="labelled tokens at the end of every row")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout; under torchrun each process draws it for its own rows")
     p.add_argument("--grad-ckpt", choices=["auto", "on", "off"], default="auto",
                    help="auto: off, and on for all methods of a model as soon as one of them runs out of memory")
     p.add_argument("--eval-prompts", type=int, default=100)

@@ -12,7 +12,7 @@ from collections import Counter
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
 import ilora
-from rescore import read_predictions
+from rescore import read_predictions, task_metrics
 
 CHOICE_TASKS = ["C-STANCE", "FOMC", "ScienceQA"]
 
@@ -26,7 +26,7 @@ def majority_rows(folder, task_names=CHOICE_TASKS, data_dir=DATA, when="final"):
     cfg = ilora.Config(**{f.name: saved[f.name] for f in ilora.dataclasses.fields(ilora.Config) if f.name in saved})
     cfg.data_dir = str(data_dir)
     tasks = ilora.load_tasks(cfg)
-    metrics = ilora.task_metrics(cfg, list(tasks))
+    metrics = task_metrics(saved.get("metric", ""), list(tasks))
     rows = []
     for learner, by_row in answers.items():
         for name in task_names:

@@ -46,19 +46,31 @@ def read_predictions(folder):
                          for t, tasks in rows_of.items()} for learner, rows_of in by.items()}
     return saved, answers
 
+def task_metrics(metric, names):
+    """Scorer name per task: the TASK=NAME overrides in `metric`, then TRACE's table, else the lenient exact match."""
+    chosen = {name: ilora.TASK_METRICS.get(name, "em") for name in names}
+    for item in filter(None, (s.strip() for s in metric.split(","))):
+        task, _, name = item.partition("=")
+        if name not in ilora.METRICS:
+            raise ilora.UsageError(f"unknown metric {name!r} in --metric (one of {', '.join(ilora.METRICS)})")
+        if task not in chosen:
+            raise ilora.UsageError(f"--metric names task {task!r}, which the run does not have")
+        chosen[task] = name
+    return chosen
+
 def rescore(folder, metric="", data_dir=""):
     """R and metrics of the run in `folder` from its predictions, scored with `metric`'s overrides (else the
     run's own); written to rescored.json there."""
     folder = pathlib.Path(folder)
     saved, answers = read_predictions(folder)
     cfg = ilora.Config(**{f.name: saved[f.name] for f in ilora.dataclasses.fields(ilora.Config) if f.name in saved})
-    cfg.metric = metric or cfg.metric
+    metric = metric or saved.get("metric", "")  # runs of former versions could set --metric
     cfg.data_dir = data_dir or cfg.data_dir
     tasks = ilora.load_tasks(cfg)
     changed = [k for k, v in ilora.data_fingerprint(tasks).items() if saved.get("fingerprint", {}).get(k) != v]
     if changed:
         raise ilora.UsageError(f"{folder}: the task data differs from what the run read ({', '.join(changed)})")
-    metrics = ilora.task_metrics(cfg, list(tasks))
+    metrics = task_metrics(metric, list(tasks))
     R = {}
     for learner, rows in answers.items():
         R[learner] = [None] * (len(tasks) + 1)
@@ -72,7 +84,7 @@ def rescore(folder, metric="", data_dir=""):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", help="--out folder of a finished ilora.py run")
-    p.add_argument("--metric", default="", help="per-task scorer overrides, as ilora.py --metric, plus choice and "
+    p.add_argument("--metric", default="", help="per-task scorer overrides, TASK=NAME,..., plus choice and "
                                                 "number")
     p.add_argument("--data-dir", default="", help="where the run's task folders are now, if they moved")
     args = p.parse_args(argv)
