@@ -26,7 +26,7 @@ import argparse, itertools, json, math, pathlib, re, statistics, sys, tarfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # ilora.py is one folder up
-from trace8 import load, run_jobs  # run_jobs: jobs side by side; finished ones skipped, stopped ones resumed
+from trace8 import load, mean_sd, run_jobs  # run_jobs: jobs side by side; finished ones skipped, stopped ones resumed
 from majority import CHOICE_TASKS, DATA, majority_rows
 
 TRACE8 = "C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten"
@@ -334,21 +334,20 @@ def report(root, data_dir):
     lines = ["| arm | learner | runs | OP | BWT | FWT | F | skill above the majority (C-STANCE, FOMC, ScienceQA) |",
              "|---|---|---|---|---|---|---|---|"]
     groups = {}
+    majority = {}  # run -> its majority_rows, read once for both of its learners
     for name, res in runs.items():
         match = re.fullmatch(r"(.+)-(trace|reversed)-s(\d+)", name)
         if match is None:  # not a finals run
             continue
         arm, order, seed = match.groups()
+        majority[name] = majority_rows(folder / name, CHOICE_TASKS, data_dir)
         for learner in res["learners"]:
             groups.setdefault((arm, learner), []).append((order, seed, name, res))
     for (arm, learner), members in groups.items():
-        cells = []
-        for key in ("OP", "BWT", "FWT", "F"):
-            xs = [100 * res["metrics"][learner][key] for *_, res in members]
-            cells.append(f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}")
+        cells = [mean_sd([res["metrics"][learner][key] for *_, res in members]) for key in ("OP", "BWT", "FWT", "F")]
         skills = {task: [] for task in CHOICE_TASKS}
         for order, seed, name, res in members:
-            for run, who, task, *_, skill, share in majority_rows(folder / name, CHOICE_TASKS, data_dir):
+            for run, who, task, *_, skill, share in majority[name]:
                 if who == learner:
                     skills[task].append(100 * skill)
         skill_cells = ", ".join(f"{statistics.mean(v):+.1f}" if v else "-" for v in skills.values())
@@ -363,8 +362,11 @@ def report(root, data_dir):
                    ("best ilora overall (slow) - replay", ("ilora-best", "slow"), ("replay", "fast"))]
     lines += ["", "| OP difference, paired by seed and order | pairs | mean | 95 % interval |", "|---|---|---|---|"]
     for title, a, b in comparisons:
-        if a in ops and b in ops and paired(ops[a], ops[b]):
-            mean, half, n = paired(ops[a], ops[b])
+        if a not in ops or b not in ops:
+            continue
+        difference = paired(ops[a], ops[b])
+        if difference:
+            mean, half, n = difference
             lines.append(f"| {title} | {n} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} |")
     return "\n".join(lines)
 
