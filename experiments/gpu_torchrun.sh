@@ -3,7 +3,8 @@
 # from the repository root. Each phase fits one 10-minute command; logs and JSON go to $OUT (default /tmp/out).
 #   bash experiments/gpu_torchrun.sh bench       # bench.py: the step's global tokens/s at 1 and 2 processes, the
 #                                                # same global batch (8 current + 8 replay rows of 512 tokens);
-#                                                # Llama-2-7B and SmolLM2 shapes. PROCS="1 2 4 8" on 8 GPUs
+#                                                # Llama-2-7B and SmolLM2 shapes. PROCS="1 2 4 8" on 8 GPUs;
+#                                                # COMPILE=--no-compile for the eager step that ilora.py runs
 #   bash experiments/gpu_torchrun.sh trace8 1    # one TRACE-8 ilora run (1 epoch, both learners scored after every
 #   bash experiments/gpu_torchrun.sh trace8 2    # task) at 1 process, then at 2: wall time and R
 #   bash experiments/gpu_torchrun.sh evalbatch   # eval_batch.py: a TRACE-8 scoring pass at several batch sizes
@@ -14,10 +15,11 @@ export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 case "$1" in
   bench)
     for n in ${PROCS:-1 2}; do
+      name=bench_${n}proc${COMPILE:+_eager}
       torchrun --nproc_per_node $n experiments/bench.py --models llama2-7b,smollm2 --smollm2-path $M \
-        --methods seq,replay,ilora --eval-prompts 0 --no-sync-check --out "$OUT/bench_${n}proc.json" \
-        > "$OUT/bench_${n}proc.log" 2>&1 || true
-      grep -E "^\| |device" "$OUT/bench_${n}proc.log" || tail -n 20 "$OUT/bench_${n}proc.log"
+        --methods seq,replay,ilora --eval-prompts 0 --no-sync-check ${COMPILE:-} --out "$OUT/$name.json" \
+        > "$OUT/$name.log" 2>&1 || true
+      grep -E "^\| |device" "$OUT/$name.log" || tail -n 20 "$OUT/$name.log"
     done ;;
   trace8)
     n=$2
