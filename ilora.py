@@ -294,13 +294,13 @@ def block_outputs(backbone):
             handle.remove()
 
 @torch.no_grad()
-def slow_block_outputs(backbone, layers, ids, mask):
+def slow_block_outputs(backbone, layers, ids):
     """The slow learner's block outputs, the consistency target. It must be a fixed function of the rows, so the
     forward runs in eval mode: no LoRA dropout and none of the model's own (GPT-2, OPT, phi)."""
     was_training = backbone.training
     backbone.eval()
     with use_learner(layers, "slow"), block_outputs(backbone) as h_slow:
-        backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+        backbone(input_ids=ids, use_cache=False)
     backbone.train(was_training)
     return h_slow
 
@@ -313,6 +313,20 @@ def autocast(device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
+@contextlib.contextmanager
+def compiled_blocks(backbone, on):
+    """Run the transformer blocks through torch.compile while training: a small model's step is bound by Python's
+    launching of many small kernels, and a compiled block launches a few fused ones. dynamic=True: one compilation
+    serves every row count and length. On exit the blocks run their plain forward again, as scoring needs."""
+    blocks = transformer_blocks(backbone) if on else []
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again
+
 def train_step(model, layers, opt, sched, current, replay, cfg, step):
     """One optimizer step of the fast learner on current + replay rows, then the slow learner's interpolation.
     Returns the CE and the consistency term as device tensors (no host sync)."""
@@ -323,14 +337,16 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
     current, replay = process_share(current, replay)  # one process: all rows
     n = len(current)
     use_slow = cfg.method == "ilora" and len(replay) > 0
-    # 1. one batch: the current rows, then the replay rows
+    # 1. one batch: the current rows, then the replay rows. They are right-padded, so they need no attention mask:
+    # under causal attention no real token sees the padding after it (and without a mask, transformers takes its
+    # causal path: no mask to build, no check for padding that waits for the GPU)
     ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)
     with autocast(model.device):
         # 2. the slow learner's block outputs on the replay rows: the target, so no graph
-        h_slow = slow_block_outputs(backbone, layers, ids[n:], mask[n:]) if use_slow else None
+        h_slow = slow_block_outputs(backbone, layers, ids[n:]) if use_slow else None
         # 3. the fast learner on current + replay in one forward, keeping its block outputs
         with block_outputs(backbone) as h_fast:
-            out = backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+            out = backbone(input_ids=ids, use_cache=False)
         # 4. L = CE(fast; current + replay) + gamma * MSE(h_fast(replay), stopgrad h_slow(replay))
         ce = lm_loss(model, out.last_hidden_state, labels, pos, n_answer)
         cons = torch.zeros((), device=model.device)
@@ -372,7 +388,8 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
     sums = torch.zeros(2, device=model.device)  # CE and consistency since the last log line
     model.train()
     done = 0
-    with tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0) as bar:
+    with compiled_blocks(model.base_model, cfg.compile), \
+            tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0) as bar:
         for epoch, order in enumerate(orders):
             for start in range(0, len(order), cfg.batch_size):
                 current = [examples[i] for i in order[start: start + cfg.batch_size]]
@@ -515,6 +532,7 @@ class Config:
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
     deterministic: bool = opt(True, "deterministic GPU kernels: the same command gives the same R")
+    compile: bool = opt(False, "train through torch.compile'd transformer blocks (pays on a GPU)")
     log_every: int = opt(10, "steps between log lines")
 
 # Settings that may change on --resume: none of them can change a number of the result.

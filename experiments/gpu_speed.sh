@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Issue 13's GPU measurements, one phase per device call (each fits in 10 minutes). Run from the repository root
-# on the GPU machine after ../shared/tools/gpu_stage.sh; logs and JSON go to $OUT (default /tmp/out).
+# Speed measurements (issues 13 and 20), one phase per device call (each fits in 10 minutes). Run from the
+# repository root on the GPU machine after ../shared/tools/gpu_stage.sh; logs and JSON go to $OUT (default /tmp/out).
 #   bash experiments/gpu_speed.sh new     # bench.py on this ilora.py: SmolLM2, Qwen2-1.5B and Llama-2-7B shapes
 #   bash experiments/gpu_speed.sh old     # bench.py on the baseline ilora.py (.baseline/ilora.py), then --no-compile
 #   bash experiments/gpu_speed.sh check   # compile_check.py: 50 steps eager and compiled, losses side by side
 #   bash experiments/gpu_speed.sh e2e     # one TRACE-8 ilora run, baseline then this ilora.py, each alone
 #                                         (VERSIONS=new or VERSIONS=baseline for one of them)
+#   bash experiments/gpu_speed.sh compile # two GPUs: the TRACE-8 ilora run eager on GPU 0, and beside it with
+#                                         --compile on GPU 1, twice (the second finds inductor's cache filled)
+#   bash experiments/gpu_speed.sh crowd   # two GPUs: 12 short ilora runs side by side on each, eager on GPU 0
+#                                         and --compile on GPU 1: the throughput of a study wave
+#   bash experiments/gpu_speed.sh equal   # the evaluation pass at equal settings (batch 100): the baseline
+#                                         ilora.py (carry .baseline: git show b7808ed:ilora.py) and this one
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 M=/root/ilora-model/smollm2-135m-instruct; D=/root/ilora-data/trace_500
@@ -26,4 +32,50 @@ case "$1" in
            /usr/bin/time -f "$v wall %e s" python3 $src $T8 --out /tmp/e2e_$v --overwrite > "$OUT/e2e_$v.log" 2>&1 || true
            tail -n 3 "$OUT/e2e_$v.log"
          done ;;
+  equal)
+    for v in baseline new; do
+      src=(); [ $v = baseline ] && src=(--ilora .baseline/ilora.py)
+      python3 experiments/bench.py --models smollm2,llama2-7b --smollm2-path $M --methods ilora --steps 5 --warmup 2 \
+        --eval-batch 100 "${src[@]}" --out "$OUT/equal_$v.json" > "$OUT/equal_$v.log" 2>&1 || true
+      grep -E "^\| |eval" "$OUT/equal_$v.log" || tail -n 20 "$OUT/equal_$v.log"
+    done ;;
+  compile)
+    one() {  # GPU NAME FLAGS...
+      local gpu=$1 name=$2; shift 2
+      SECONDS=0
+      CUDA_VISIBLE_DEVICES=$gpu python3 ilora.py $T8 "$@" --out /tmp/$name --overwrite > "$OUT/$name.log" 2>&1 || true
+      echo "$name: wall $SECONDS s" | tee -a "$OUT/$name.log"
+      cp /tmp/$name/results.json "$OUT/$name.json" || true
+    }
+    one 0 eager &
+    (one 1 compiled_cold --compile; one 1 compiled_warm --compile) &
+    wait
+    for f in "$OUT"/eager.json "$OUT"/compiled_*.json; do
+      python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], r['timing'],
+                  {k: round(100 * m['OP'], 2) for k, m in r['metrics'].items()})" "$f" || true
+    done
+    cmp <(python3 -c "import json; print(json.load(open('$OUT/compiled_cold.json'))['R'])") \
+        <(python3 -c "import json; print(json.load(open('$OUT/compiled_warm.json'))['R'])") \
+      && echo "compiled runs: R bit-identical" || echo "compiled runs: R differs" ;;
+  crowd)
+    SHORT="--data-dir $D --model $M --tasks MeetingBank,Py150 --epochs 1 --max-train 240 --batch-size 8
+           --max-len 768 --max-new-tokens 64 --eval-split eval --max-eval 20 --no-eval-every-task --eval-batch-size 100
+           --method ilora --lr 1e-3 --lam 0.9 --gamma 0.1"
+    arm() {  # GPU NAME FLAGS...
+      local gpu=$1 name=$2; shift 2
+      SECONDS=0
+      for k in $(seq 0 11); do
+        CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=2 python3 ilora.py $SHORT --seed $k "$@" --out /tmp/crowd_$name/$k \
+          --overwrite > /tmp/crowd_${name}_$k.log 2>&1 &
+      done
+      wait
+      echo "$name: 12 runs on GPU $gpu in $SECONDS s" | tee "$OUT/crowd_$name.txt"
+      python3 -c "import glob, json, statistics; t = [json.load(open(f))['timing']['train_seconds']
+                  for f in glob.glob('/tmp/crowd_$name/*/results.json')]
+print('$name: runs finished', len(t), '| median training s', statistics.median(t))" | tee -a "$OUT/crowd_$name.txt"
+      cp /tmp/crowd_${name}_0.log "$OUT/" || true
+    }
+    arm 0 eager &
+    arm 1 compiled --compile &
+    wait ;;
 esac
