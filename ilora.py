@@ -313,20 +313,6 @@ def autocast(device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-@contextlib.contextmanager
-def compiled_blocks(backbone, on):
-    """Run the transformer blocks through torch.compile while training: a small model's step is bound by Python's
-    launching of many small kernels, and a compiled block launches a few fused ones. dynamic=True: one compilation
-    serves every row count and length. On exit the blocks run their plain forward again, as scoring needs."""
-    blocks = transformer_blocks(backbone) if on else []
-    for block in blocks:
-        block.forward = torch.compile(block.forward, dynamic=True)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward  # the class's forward again
-
 def train_step(model, layers, opt, sched, current, replay, cfg, step):
     """One optimizer step of the fast learner on current + replay rows, then the slow learner's interpolation.
     Returns the CE and the consistency term as device tensors (no host sync)."""
@@ -337,9 +323,8 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
     current, replay = process_share(current, replay)  # one process: all rows
     n = len(current)
     use_slow = cfg.method == "ilora" and len(replay) > 0
-    # 1. one batch: the current rows, then the replay rows. They are right-padded, so they need no attention mask:
-    # under causal attention no real token sees the padding after it (and without a mask, transformers takes its
-    # causal path: no mask to build, no check for padding that waits for the GPU)
+    # 1. one batch: the current rows, then the replay rows, right-padded: causal attention keeps every real token off
+    # the padding after it, so no attention mask (none to build, and no padding check that waits for the GPU)
     ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)
     with autocast(model.device):
         # 2. the slow learner's block outputs on the replay rows: the target, so no graph
@@ -1104,6 +1089,20 @@ def make_deterministic(on):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when it starts
         torch.use_deterministic_algorithms(True)  # strict: with warn_only, cuDNN attention stays nondeterministic
         torch.backends.cudnn.benchmark = False
+
+@contextlib.contextmanager
+def compiled_blocks(backbone, on):
+    """Run the transformer blocks through torch.compile while training: a small model's step is bound by Python's
+    launching of many small kernels, and a compiled block launches a few fused ones. dynamic=True: one compilation
+    serves every row count and length. On exit the blocks run their plain forward again, as scoring needs."""
+    blocks = transformer_blocks(backbone) if on else []
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=True)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the class's forward again
 
 def run(cfg):
     """Train cfg.method over the task sequence; returns the results dict also written to cfg.out/results.json."""
