@@ -8,8 +8,8 @@
 #                                         (VERSIONS=new or VERSIONS=baseline for one of them)
 #   bash experiments/gpu_speed.sh compile # two GPUs: the TRACE-8 ilora run eager on GPU 0, and beside it with
 #                                         --compile on GPU 1, twice (the second finds inductor's cache filled)
-#   bash experiments/gpu_speed.sh crowd   # two GPUs: 12 short ilora runs side by side on each, eager on GPU 0
-#                                         and --compile on GPU 1: the throughput of a study wave
+#   bash experiments/gpu_speed.sh crowd   # two GPUs: 12 ilora runs (2 tasks, 240 steps) side by side on each,
+#                                         eager on GPU 0, --compile on GPU 1: the throughput of a study wave
 #   bash experiments/gpu_speed.sh equal   # the evaluation pass at equal settings (batch 100): the baseline
 #                                         ilora.py (carry .baseline: git show b7808ed:ilora.py) and this one
 set -euo pipefail
@@ -58,7 +58,7 @@ case "$1" in
         <(python3 -c "import json; print(json.load(open('$OUT/compiled_warm.json'))['R'])") \
       && echo "compiled runs: R bit-identical" || echo "compiled runs: R differs" ;;
   crowd)
-    SHORT="--data-dir $D --model $M --tasks MeetingBank,Py150 --epochs 1 --max-train 240 --batch-size 8
+    SHORT="--data-dir $D --model $M --tasks MeetingBank,Py150 --epochs 3 --max-train 320 --batch-size 8
            --max-len 768 --max-new-tokens 64 --eval-split eval --max-eval 20 --no-eval-every-task --eval-batch-size 100
            --method ilora --lr 1e-3 --lam 0.9 --gamma 0.1"
     arm() {  # GPU NAME FLAGS...
