@@ -54,9 +54,8 @@ case "$1" in
       python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], r['timing'],
                   {k: round(100 * m['OP'], 2) for k, m in r['metrics'].items()})" "$f" || true
     done
-    cmp <(python3 -c "import json; print(json.load(open('$OUT/compiled_cold.json'))['R'])") \
-        <(python3 -c "import json; print(json.load(open('$OUT/compiled_warm.json'))['R'])") \
-      && echo "compiled runs: R bit-identical" || echo "compiled runs: R differs" ;;
+    python3 -c "import json, sys; R = [json.load(open(f))['R'] for f in sys.argv[1:]]
+print('compiled runs: R', 'bit-identical' if R[0] == R[1] else 'differs')" "$OUT"/compiled_{cold,warm}.json || true ;;
   crowd)
     SHORT="--data-dir $D --model $M --tasks MeetingBank,Py150 --epochs 3 --max-train 320 --batch-size 8
            --max-len 768 --max-new-tokens 64 --eval-split eval --max-eval 20 --no-eval-every-task --eval-batch-size 100
