@@ -324,7 +324,7 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
     n = len(current)
     use_slow = cfg.method == "ilora" and len(replay) > 0
     # 1. one batch: the current rows, then the replay rows, right-padded: causal attention keeps every real token off
-    # the padding after it, so no attention mask (none to build, and no padding check that waits for the GPU)
+    # the padding after it, so no attention mask (Llama-style models then build none and skip a check that syncs)
     ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)
     with autocast(model.device):
         # 2. the slow learner's block outputs on the replay rows: the target, so no graph
@@ -1094,7 +1094,7 @@ def make_deterministic(on):
 def compiled_blocks(backbone, on):
     """Run the transformer blocks through torch.compile while training: a small model's step is bound by Python's
     launching of many small kernels, and a compiled block launches a few fused ones. dynamic=True: one compilation
-    serves every row count and length. On exit the blocks run their plain forward again, as scoring needs."""
+    serves every length and row count (a batch of one row adds one). On exit the blocks run plainly, for scoring."""
     blocks = transformer_blocks(backbone) if on else []
     for block in blocks:
         block.forward = torch.compile(block.forward, dynamic=True)

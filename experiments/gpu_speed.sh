@@ -54,8 +54,10 @@ case "$1" in
       python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], r['timing'],
                   {k: round(100 * m['OP'], 2) for k, m in r['metrics'].items()})" "$f" || true
     done
-    python3 -c "import json, sys; R = [json.load(open(f))['R'] for f in sys.argv[1:]]
-print('compiled runs: R', 'bit-identical' if R[0] == R[1] else 'differs')" "$OUT"/compiled_{cold,warm}.json || true ;;
+    python3 -c "import json, pathlib, sys; R = [json.load(open(f))['R'] for f in sys.argv[1:3]]
+A = [[f.read_bytes() for f in sorted(pathlib.Path(d).glob('task_*/*/*.safetensors'))] for d in sys.argv[3:]]
+print('compiled runs: R', 'identical' if R[0] == R[1] else 'differ', '| all', len(A[0]), 'adapters',
+      'identical' if A[0] and A[0] == A[1] else 'differ')" "$OUT"/compiled_{cold,warm}.json /tmp/compiled_{cold,warm} || true ;;
   crowd)
     SHORT="--data-dir $D --model $M --tasks MeetingBank,Py150 --epochs 3 --max-train 320 --batch-size 8
            --max-len 768 --max-new-tokens 64 --eval-split eval --max-eval 20 --no-eval-every-task --eval-batch-size 100
@@ -71,10 +73,11 @@ print('compiled runs: R', 'bit-identical' if R[0] == R[1] else 'differs')" "$OUT
       echo "$name: 12 runs on GPU $gpu in $SECONDS s" | tee "$OUT/crowd_$name.txt"
       python3 -c "import glob, json, statistics; t = [json.load(open(f))['timing']['train_seconds']
                   for f in glob.glob('/tmp/crowd_$name/*/results.json')]
-print('$name: runs finished', len(t), '| median training s', statistics.median(t))" | tee -a "$OUT/crowd_$name.txt"
+print('$name: runs finished', len(t), '| median training s', statistics.median(t) if t else None)" \
+        | tee -a "$OUT/crowd_$name.txt"
       cp /tmp/crowd_${name}_0.log "$OUT/" || true
     }
     arm 0 eager &
-    arm 1 compiled --compile &
+    TORCHINDUCTOR_COMPILE_THREADS=1 arm 1 compiled --compile &  # inductor's cache is filled by the compile phase
     wait ;;
 esac
