@@ -323,8 +323,7 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
     current, replay = process_share(current, replay)  # one process: all rows
     n = len(current)
     use_slow = cfg.method == "ilora" and len(replay) > 0
-    # 1. one batch: the current rows, then the replay rows, right-padded: causal attention keeps every real token off
-    # the padding after it, so no attention mask (Llama-style models then build none and skip a check that syncs)
+    # 1. one batch: the current rows, then the replay rows; right-padded, so causal attention needs no mask
     ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)
     with autocast(model.device):
         # 2. the slow learner's block outputs on the replay rows: the target, so no graph
@@ -373,8 +372,7 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
     sums = torch.zeros(2, device=model.device)  # CE and consistency since the last log line
     model.train()
     done = 0
-    with compiled_blocks(model.base_model, cfg.compile), \
-            tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0) as bar:
+    with tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0) as bar:
         for epoch, order in enumerate(orders):
             for start in range(0, len(order), cfg.batch_size):
                 current = [examples[i] for i in order[start: start + cfg.batch_size]]
@@ -517,7 +515,6 @@ class Config:
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
     deterministic: bool = opt(True, "deterministic GPU kernels: the same command gives the same R")
-    compile: bool = opt(False, "train through torch.compile'd transformer blocks (pays on a GPU)")
     log_every: int = opt(10, "steps between log lines")
 
 # Settings that may change on --resume: none of them can change a number of the result.
@@ -1089,20 +1086,6 @@ def make_deterministic(on):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when it starts
         torch.use_deterministic_algorithms(True)  # strict: with warn_only, cuDNN attention stays nondeterministic
         torch.backends.cudnn.benchmark = False
-
-@contextlib.contextmanager
-def compiled_blocks(backbone, on):
-    """Run the transformer blocks through torch.compile while training: a small model's step is bound by Python's
-    launching of many small kernels, and a compiled block launches a few fused ones. dynamic=True: one compilation
-    serves every length and row count (a batch of one row adds one). On exit the blocks run plainly, for scoring."""
-    blocks = transformer_blocks(backbone) if on else []
-    for block in blocks:
-        block.forward = torch.compile(block.forward, dynamic=True)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward  # the class's forward again
 
 def run(cfg):
     """Train cfg.method over the task sequence; returns the results dict also written to cfg.out/results.json."""

@@ -2,7 +2,7 @@
 
     python -m pytest -q test_ilora.py
 """
-import contextlib, functools, io, json, os, pathlib, random, re, shutil, signal, subprocess, sys, time
+import contextlib, io, json, os, pathlib, random, re, shutil, signal, subprocess, sys, time
 from collections import Counter
 
 import pytest
@@ -326,26 +326,6 @@ def test_task_1_is_the_same_for_seq_replay_and_ilora_s_fast_learner(model_dir, t
     for method in ("replay", "ilora"):
         assert runs[method][0] == runs["seq"][0]
         assert_same_tensors({"a": runs[method][1]}, {"a": runs["seq"][1]})
-
-def test_compile_traces_the_blocks_once_for_all_lengths_and_row_counts_and_only_while_training(model_dir, tmp_path, monkeypatch):
-    # backend "eager": dynamo captures the blocks' graphs as inductor would receive them, in seconds, and runs their
-    # ops unchanged, so the compiled run must give the plain run's bits
-    from torch._dynamo.utils import counters
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    long = [{"prompt": "what colour is the " + "sky " * k + "cat", "answer": "red"} for k in range(8)]
-    tasks = f"{write_task(tmp_path / 't1', records=long)},{write_task(tmp_path / 't2', shift=1)}"
-    args = base_args(model_dir, tmp_path, "--tasks", tasks, "--eval-learner", "both", "--dropout", "0.1",
-                     "--batch-size", "3")  # rows of 8 lengths, batches of 3, 3 and 2 rows
-    plain = ilora.main(args + ["--out", str(tmp_path / "plain")])
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = ilora.main(args + ["--out", str(tmp_path / "compiled"), "--compile"])
-    assert max(plain["R"]["slow"][2]) > 0 and compiled["R"] == plain["R"]
-    assert_same_tensors(adapters(tmp_path / "plain"), adapters(tmp_path / "compiled"))
-    # three graphs: the first block (its input needs no gradient), the later blocks, and the slow learner's no-grad
-    # forward; no length, row count (above one: dynamo specializes a size of 1) or task recompiled, and scoring
-    # compiled nothing
-    assert counters["stats"]["unique_graphs"] == 3
 
 def record_fast_learners(monkeypatch, snapshots):
     """Record the fast factors before the first step and after every step of train_step."""
@@ -1037,9 +1017,7 @@ def field_words(f, model_dir, tasks, rnd):
 def test_fuzzed_command_line_completes_or_exits_2_in_one_line_before_loading(tmp_path_factory, model_dir):
     data = tmp_path_factory.mktemp("fuzz_data")
     tasks = f"{write_task(data / 't1')},{write_task(data / 't2', shift=1)}"
-    # --compile would spend minutes in inductor on a CPU; test_compile_traces_the_blocks_once_for_all_... covers it
-    fields = [f for f in ilora.dataclasses.fields(ilora.Config)
-              if f.name not in ("out", "overwrite", "resume", "compile")]
+    fields = [f for f in ilora.dataclasses.fields(ilora.Config) if f.name not in ("out", "overwrite", "resume")]
     outcomes = Counter()
 
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))

@@ -160,12 +160,14 @@ def peft_comparator(model, cfg, current, replay, head):
         return loss.detach()
     return step, fast, slow
 
-def compile_blocks(model):
-    """torch.compile the forward of each transformer block (they share their code: one compilation serves all).
-    Measured here and in compile_check.py; left out of ilora.py, where real runs' changing row lengths made it
-    recompile until the limit and run slower (issue 13)."""
-    for block in ilora.transformer_blocks(model.base_model):
-        block.forward = torch.compile(block.forward)
+def compile_blocks(model, dynamic=None):
+    """torch.compile the forward of each transformer block (they share their code: one compilation serves all);
+    returns the blocks. With fixed shapes (dynamic=None) real runs' changing row lengths made it recompile until the
+    limit and run slower (issue 13); compiled_run.py compiles with dynamic=True. Left out of ilora.py until measured."""
+    blocks = ilora.transformer_blocks(model.base_model)
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=dynamic)
+    return blocks
 
 def time_steps(step, warmup, steps, device):
     """Median ms per step over `steps` timed steps after `warmup`, every ms, and the peak GiB over the timed steps."""

@@ -6,10 +6,10 @@
 #   bash experiments/gpu_speed.sh check   # compile_check.py: 50 steps eager and compiled, losses side by side
 #   bash experiments/gpu_speed.sh e2e     # one TRACE-8 ilora run, baseline then this ilora.py, each alone
 #                                         (VERSIONS=new or VERSIONS=baseline for one of them)
-#   bash experiments/gpu_speed.sh compile # two GPUs: the TRACE-8 ilora run eager on GPU 0, and beside it with
-#                                         --compile on GPU 1, twice (the second finds inductor's cache filled)
+#   bash experiments/gpu_speed.sh compile # two GPUs: the TRACE-8 ilora run eager on GPU 0, and beside it through
+#                                         compiled_run.py on GPU 1, twice (the second finds inductor's cache filled)
 #   bash experiments/gpu_speed.sh crowd   # two GPUs: 12 ilora runs (2 tasks, 240 steps) side by side on each,
-#                                         eager on GPU 0, --compile on GPU 1: the throughput of a study wave
+#                                         eager on GPU 0, compiled_run.py on GPU 1: a study wave's throughput
 #   bash experiments/gpu_speed.sh equal   # the evaluation pass at equal settings (batch 100): the baseline
 #                                         ilora.py (carry .baseline: git show b7808ed:ilora.py) and this one
 set -euo pipefail
@@ -40,15 +40,15 @@ case "$1" in
       grep -E "^\| |eval" "$OUT/equal_$v.log" || tail -n 20 "$OUT/equal_$v.log"
     done ;;
   compile)
-    one() {  # GPU NAME FLAGS...
-      local gpu=$1 name=$2; shift 2
+    one() {  # GPU NAME SCRIPT
+      local gpu=$1 name=$2 script=$3
       SECONDS=0
-      CUDA_VISIBLE_DEVICES=$gpu python3 ilora.py $T8 "$@" --out /tmp/$name --overwrite > "$OUT/$name.log" 2>&1 || true
+      CUDA_VISIBLE_DEVICES=$gpu python3 $script $T8 --out /tmp/$name --overwrite > "$OUT/$name.log" 2>&1 || true
       echo "$name: wall $SECONDS s" | tee -a "$OUT/$name.log"
       cp /tmp/$name/results.json "$OUT/$name.json" || true
     }
-    one 0 eager &
-    (one 1 compiled_cold --compile; one 1 compiled_warm --compile) &
+    one 0 eager ilora.py &
+    (one 1 compiled_cold experiments/compiled_run.py; one 1 compiled_warm experiments/compiled_run.py) &
     wait
     for f in "$OUT"/eager.json "$OUT"/compiled_*.json; do
       python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], r['timing'],
@@ -62,11 +62,11 @@ print('compiled runs: R', 'identical' if R[0] == R[1] else 'differ', '| all', le
     SHORT="--data-dir $D --model $M --tasks MeetingBank,Py150 --epochs 3 --max-train 320 --batch-size 8
            --max-len 768 --max-new-tokens 64 --eval-split eval --max-eval 20 --no-eval-every-task --eval-batch-size 100
            --method ilora --lr 1e-3 --lam 0.9 --gamma 0.1"
-    arm() {  # GPU NAME FLAGS...
-      local gpu=$1 name=$2; shift 2
+    arm() {  # GPU NAME SCRIPT
+      local gpu=$1 name=$2 script=$3
       SECONDS=0
       for k in $(seq 0 11); do
-        CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=2 python3 ilora.py $SHORT --seed $k "$@" --out /tmp/crowd_$name/$k \
+        CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=2 python3 $script $SHORT --seed $k --out /tmp/crowd_$name/$k \
           --overwrite > /tmp/crowd_${name}_$k.log 2>&1 &
       done
       wait
@@ -77,7 +77,7 @@ print('$name: runs finished', len(t), '| median training s', statistics.median(t
         | tee -a "$OUT/crowd_$name.txt"
       cp /tmp/crowd_${name}_0.log "$OUT/" || true
     }
-    arm 0 eager &
-    TORCHINDUCTOR_COMPILE_THREADS=1 arm 1 compiled --compile &  # inductor's cache is filled by the compile phase
+    arm 0 eager ilora.py &
+    TORCHINDUCTOR_COMPILE_THREADS=1 arm 1 compiled experiments/compiled_run.py &  # the compile phase filled the cache
     wait ;;
 esac
