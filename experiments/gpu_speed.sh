@@ -9,7 +9,8 @@
 #   bash experiments/gpu_speed.sh compile # two GPUs: the TRACE-8 ilora run eager on GPU 0, and beside it through
 #                                         compiled_run.py on GPU 1, twice (the second finds inductor's cache filled)
 #   bash experiments/gpu_speed.sh crowd   # two GPUs: 12 ilora runs (2 tasks, 240 steps) side by side on each,
-#                                         eager on GPU 0, compiled_run.py on GPU 1: a study wave's throughput
+#                                         eager on GPU 0, compiled_run.py on GPU 1: a study wave's throughput;
+#                                         seeds 0 to 5 twice, so each seed's two runs must give the same R
 #   bash experiments/gpu_speed.sh equal   # the evaluation pass at equal settings (batch 100): the baseline
 #                                         ilora.py (carry .baseline: git show b7808ed:ilora.py) and this one
 set -euo pipefail
@@ -66,18 +67,22 @@ print('compiled runs: R', 'identical' if R[0] == R[1] else 'differ', '| all', le
       local gpu=$1 name=$2 script=$3
       SECONDS=0
       for k in $(seq 0 11); do
-        CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=2 python3 $script $SHORT --seed $k --out /tmp/crowd_$name/$k \
+        CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=2 python3 $script $SHORT --seed $((k % 6)) --out /tmp/crowd_$name/$k \
           --overwrite > /tmp/crowd_${name}_$k.log 2>&1 &
       done
       wait
       echo "$name: 12 runs on GPU $gpu in $SECONDS s" | tee "$OUT/crowd_$name.txt"
       python3 -c "import glob, json, statistics; t = [json.load(open(f))['timing']['train_seconds']
                   for f in glob.glob('/tmp/crowd_$name/*/results.json')]
-print('$name: runs finished', len(t), '| median training s', statistics.median(t) if t else None)" \
+print('$name: runs finished', len(t), '| median training s', statistics.median(t) if t else None)
+R = {k: json.load(open(f'/tmp/crowd_$name/{k}/results.json'))['R'] for k in range(12)
+     if glob.glob(f'/tmp/crowd_$name/{k}/results.json')}
+same = [R[k] == R[k + 6] for k in range(6) if k in R and k + 6 in R]
+print('$name: runs of the same seed with identical R:', sum(same), 'of', len(same), 'pairs')" \
         | tee -a "$OUT/crowd_$name.txt"
       cp /tmp/crowd_${name}_0.log "$OUT/" || true
     }
     arm 0 eager ilora.py &
-    TORCHINDUCTOR_COMPILE_THREADS=1 arm 1 compiled experiments/compiled_run.py &  # the compile phase filled the cache
+    TORCHINDUCTOR_COMPILE_THREADS=1 arm 1 compiled experiments/compiled_run.py &  # each run compiles (cold cache, as in a wave)
     wait ;;
 esac
