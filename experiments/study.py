@@ -254,21 +254,21 @@ def select(root):
 def pack(root, runs, out, name, limit=14 << 20):
     """The runs as out/NAME-0.tgz, NAME-1.tgz, ... of at most `limit` bytes of files each (what a device call
     brings back): config, results, predictions and log of every run, and the checkpoint of every unfinished one,
-    so that a later wave on another machine resumes it. No adapters."""
+    so that a later wave on another machine resumes it. No adapters. A run's files stay in one pack, so a pack
+    that does not come back loses whole runs, which then start again, and never half of one."""
     out.mkdir(parents=True, exist_ok=True)
-    files = []
+    parts, size = [[]], 0
     for run in runs:
         keep = ["config.json", "results.json", "predictions.parquet", "log.txt"]
         if not (root / run / "results.json").is_file():
             keep.append("checkpoint.pt")
-        files += [(root / run / file, f"{run}/{file}") for file in keep if (root / run / file).is_file()]
-    parts, size = [[]], 0
-    for path, arcname in files:
-        if parts[-1] and size + path.stat().st_size > limit:
+        files = [(root / run / file, f"{run}/{file}") for file in keep if (root / run / file).is_file()]
+        run_size = sum(path.stat().st_size for path, _ in files)
+        if parts[-1] and size + run_size > limit:
             parts.append([])
             size = 0
-        parts[-1].append((path, arcname))
-        size += path.stat().st_size
+        parts[-1] += files
+        size += run_size
     for i, part in enumerate(parts):
         with tarfile.open(out / f"{name}-{i}.tgz", "w:gz") as tar:
             for path, arcname in part:

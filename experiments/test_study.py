@@ -182,3 +182,18 @@ def test_runs_are_spread_over_the_gpus_each_on_the_one_running_fewest(tmp_path, 
     started.clear()
     trace8.run_jobs([(tmp_path / "e", [])], parallel=3, deadline=0.5)
     assert started == [("e", None)]  # one GPU: the environment is left as it is
+
+def test_a_pack_holds_whole_runs_and_the_checkpoints_of_unfinished_ones_only(tmp_path):
+    import tarfile
+    root = tmp_path / "screen"
+    for run, finished in (("a", True), ("b", False), ("c", False)):
+        (root / run).mkdir(parents=True)
+        (root / run / "config.json").write_text("{}")
+        (root / run / "checkpoint.pt").write_bytes(b"x" * 600)
+        if finished:
+            (root / run / "results.json").write_text("{}")
+    study.pack(root, ["a", "b", "c"], tmp_path / "out", "screen", limit=1000)
+    packs = sorted((tmp_path / "out").glob("screen-*.tgz"))
+    members = [sorted(tarfile.open(p).getnames()) for p in packs]
+    assert members == [["a/config.json", "a/results.json", "b/checkpoint.pt", "b/config.json"],
+                       ["c/checkpoint.pt", "c/config.json"]]
