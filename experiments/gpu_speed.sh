@@ -11,6 +11,8 @@
 #   bash experiments/gpu_speed.sh crowd   # two GPUs: 12 ilora runs (2 tasks, 240 steps) side by side on each,
 #                                         eager on GPU 0, compiled_run.py on GPU 1: a study wave's throughput;
 #                                         seeds 0 to 5 twice, so each seed's two runs must give the same R
+#   bash experiments/gpu_speed.sh mps     # the same 12 runs a GPU, eager on both, GPU 1's through an MPS server
+#                                         (N=4: 4 runs a GPU)
 #   bash experiments/gpu_speed.sh equal   # the evaluation pass at equal settings (batch 100): the baseline
 #                                         ilora.py (carry .baseline: git show b7808ed:ilora.py) and this one
 set -euo pipefail
@@ -59,30 +61,46 @@ case "$1" in
 A = [[f.read_bytes() for f in sorted(pathlib.Path(d).glob('task_*/*/*.safetensors'))] for d in sys.argv[3:]]
 print('compiled runs: R', 'identical' if R[0] == R[1] else 'differ', '| all', len(A[0]), 'adapters',
       'identical' if A[0] and A[0] == A[1] else 'differ')" "$OUT"/compiled_{cold,warm}.json /tmp/compiled_{cold,warm} || true ;;
-  crowd)
+  crowd|mps)
+    # crowd: eager on GPU 0, compiled_run.py on GPU 1. mps: eager on both, GPU 1's runs through an MPS server
+    # (kernels of several processes at once); the same seeds on both GPUs must give the same R.
     SHORT="--data-dir $D --model $M --tasks MeetingBank,Py150 --epochs 3 --max-train 320 --batch-size 8
            --max-len 768 --max-new-tokens 64 --eval-split eval --max-eval 20 --no-eval-every-task --eval-batch-size 100
            --method ilora --lr 1e-3 --lam 0.9 --gamma 0.1"
+    N=${N:-12}
     arm() {  # GPU NAME SCRIPT
       local gpu=$1 name=$2 script=$3
       SECONDS=0
-      for k in $(seq 0 11); do
+      for k in $(seq 0 $((N - 1))); do
         CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=2 python3 $script $SHORT --seed $((k % 6)) --out /tmp/crowd_$name/$k \
           --overwrite > /tmp/crowd_${name}_$k.log 2>&1 &
       done
       wait
-      echo "$name: 12 runs on GPU $gpu in $SECONDS s" | tee "$OUT/crowd_$name.txt"
+      echo "$name: $N runs on GPU $gpu in $SECONDS s" | tee "$OUT/crowd_$name.txt"
       python3 -c "import glob, json, statistics; t = [json.load(open(f))['timing']['train_seconds']
                   for f in glob.glob('/tmp/crowd_$name/*/results.json')]
 print('$name: runs finished', len(t), '| median training s', statistics.median(t) if t else None)
-R = {k: json.load(open(f'/tmp/crowd_$name/{k}/results.json'))['R'] for k in range(12)
+R = {k: json.load(open(f'/tmp/crowd_$name/{k}/results.json'))['R'] for k in range($N)
      if glob.glob(f'/tmp/crowd_$name/{k}/results.json')}
 same = [R[k] == R[k + 6] for k in range(6) if k in R and k + 6 in R]
 print('$name: runs of the same seed with identical R:', sum(same), 'of', len(same), 'pairs')" \
         | tee -a "$OUT/crowd_$name.txt"
       cp /tmp/crowd_${name}_0.log "$OUT/" || true
     }
-    arm 0 eager ilora.py &
-    TORCHINDUCTOR_COMPILE_THREADS=1 arm 1 compiled experiments/compiled_run.py &  # each run compiles (cold cache, as in a wave)
-    wait ;;
+    if [ "$1" = crowd ]; then
+      arm 0 eager ilora.py &
+      TORCHINDUCTOR_COMPILE_THREADS=1 arm 1 compiled experiments/compiled_run.py &  # each run compiles (cold cache, as in a wave)
+      wait
+    else
+      export CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log; mkdir -p /tmp/mps-pipe /tmp/mps-log
+      CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe nvidia-cuda-mps-control -d  # a server of its own: GPU 0's runs skip it
+      arm 0 eager ilora.py &
+      CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe arm 1 mps ilora.py &
+      sleep 90; nvidia-smi > "$OUT/nvidia-smi.txt"  # under MPS, GPU 1 lists its runs as M+C and an mps-server
+      wait
+      echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe nvidia-cuda-mps-control
+      python3 -c "import json, sys; R = [[json.load(open(f'/tmp/crowd_{a}/{k}/results.json'))['R'] for k in range($N)]
+                  for a in ('eager', 'mps')]; print('eager and mps runs of the same seed: R identical', R[0] == R[1])" \
+        | tee -a "$OUT/crowd_mps.txt" || true
+    fi ;;
 esac

@@ -17,6 +17,7 @@
 #   bash experiments/gpu_study.sh lr more       # the packs the last call could not bring back
 #   bash experiments/gpu_study.sh lr unpack     # unpack the carried .study only
 #   bash experiments/gpu_study.sh lr stop       # stop the phase's runs now (their checkpoints stay)
+#   MPS=1 WAIT=500 bash experiments/gpu_study.sh lr   # the phase's runs through an MPS server
 set -euo pipefail
 PHASE=$1; STEP=${2:-wave}; OUT=${OUT:-/tmp/out}; ROOT=${ROOT:-/root/study}
 case $PHASE in lr|grid) FOLDER=screen;; *) FOLDER=$PHASE;; esac
@@ -83,6 +84,9 @@ print(f"R on GPU 0 and GPU 1 identical: {R[0] == R[1]}; slow adapters after task
 print(json.dumps(R[0]))
 PY
     ) < /dev/null > /dev/null 2>&1 &
+  fi
+  if [ -n "${MPS:-}" ]; then  # MPS=1: the runs' kernels share each GPU at once (gpu_speed.sh mps measures it)
+    nvidia-cuda-mps-control -d && echo "MPS server started"
   fi
   setsid python3 "$ROOT/code/experiments/study.py" "$PHASE" --root "$ROOT" --data-dir "$DATA" --model $MODEL \
     -j "${JOBS:-$((4 * GPUS))}" --gpus "$GPUS" --deadline "${RUN_FOR:-3000}" < /dev/null >> "$ROOT/$PHASE.log" 2>&1 &
