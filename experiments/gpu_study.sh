@@ -3,7 +3,7 @@
 # repository root; the same command each device call until the phase is done. Each call unpacks the runs carried in
 # .study/FOLDER-*.tgz (each pack once per machine, known by its checksum); starts the phase, unless it is still
 # running from an earlier call on this machine, detached from the call and from the working tree (a copy of
-# ilora.py and experiments/ under $ROOT/code), JOBS runs at a time (4 a GPU), for at most RUN_FOR seconds; waits
+# ilora.py and experiments/ under $ROOT/code), JOBS runs at a time (12 a GPU), for at most RUN_FOR seconds; waits
 # WAIT seconds or until the phase ends; then packs every run of the phase (study.py pack: finished runs, and the
 # last task-boundary checkpoint of unfinished ones) into $ROOT/packs and moves into $OUT as many packs as one call
 # brings back (8 files, 64 MiB, with the log); the rest wait there for `more`. So runs go on between calls while
@@ -89,7 +89,7 @@ PY
     nvidia-cuda-mps-control -d && echo "MPS server started"
   fi
   setsid python3 "$ROOT/code/experiments/study.py" "$PHASE" --root "$ROOT" --data-dir "$DATA" --model $MODEL \
-    -j "${JOBS:-$((4 * GPUS))}" --gpus "$GPUS" --deadline "${RUN_FOR:-3000}" < /dev/null >> "$ROOT/$PHASE.log" 2>&1 &
+    -j "${JOBS:-$((12 * GPUS))}" --gpus "$GPUS" --deadline "${RUN_FOR:-3000}" < /dev/null >> "$ROOT/$PHASE.log" 2>&1 &
   echo $! > "$PID"
   echo "started the $PHASE runs"
 fi
