@@ -6,7 +6,8 @@
 #                                                # Llama-2-7B and SmolLM2 shapes. PROCS="1 2 4 8" on 8 GPUs;
 #                                                # COMPILE=--no-compile for the eager step that ilora.py runs
 #   bash experiments/gpu_torchrun.sh trace8 1    # one TRACE-8 ilora run (1 epoch, both learners scored after every
-#   bash experiments/gpu_torchrun.sh trace8 2    # task) at 1 process, then at 2: wall time and R
+#   bash experiments/gpu_torchrun.sh trace8 2    # task) at 1 process, then at 2: wall time and R;
+#                                                # EVAL_BATCH=400 scores in batches of 400 instead of 100
 #   bash experiments/gpu_torchrun.sh evalbatch   # eval_batch.py: a TRACE-8 scoring pass at several batch sizes
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,13 +26,14 @@ case "$1" in
     n=$2
     T8="--data-dir $D --model $M --tasks C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten
         --epochs 1 --batch-size 8 --max-len 768 --max-new-tokens 64 --rank 8 --alpha 16 --dropout 0.05
-        --buffer-size 500 --eval-batch-size 100 --eval-learner both --log-every 50 --method ilora --lr 1e-3
+        --buffer-size 500 --eval-batch-size ${EVAL_BATCH:-100} --eval-learner both --log-every 50 --method ilora --lr 1e-3
         --lam 0.9 --gamma 0.1"
     SECONDS=0
-    torchrun --nproc_per_node $n ilora.py $T8 --out /tmp/trace8_${n}proc --overwrite > "$OUT/trace8_${n}proc.log" 2>&1 || true
-    echo "$n process(es): wall ${SECONDS} s" | tee -a "$OUT/trace8_${n}proc.log"
-    cp /tmp/trace8_${n}proc/results.json "$OUT/trace8_${n}proc.json" || true
-    tail -n 4 "$OUT/trace8_${n}proc.log" ;;
+    name=trace8_${n}proc${EVAL_BATCH:+_eval$EVAL_BATCH}
+    torchrun --nproc_per_node $n ilora.py $T8 --out /tmp/$name --overwrite > "$OUT/$name.log" 2>&1 || true
+    echo "$n process(es): wall ${SECONDS} s" | tee -a "$OUT/$name.log"
+    cp /tmp/$name/results.json "$OUT/$name.json" || true
+    tail -n 4 "$OUT/$name.log" ;;
   evalbatch)
     python3 experiments/eval_batch.py --model $M --data-dir $D --sizes 8,16,32,64,100,128 \
       --out "$OUT/eval_batch_gpu.json" 2>&1 | tee "$OUT/eval_batch_gpu.log" ;;
