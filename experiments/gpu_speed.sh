@@ -99,7 +99,7 @@ print('$name: runs of the same seed with identical R:', sum(same), 'of', len(sam
       sleep 90; nvidia-smi > "$OUT/nvidia-smi.txt"  # under MPS, GPU 1 lists its runs as M+C and an mps-server
       wait
       echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe nvidia-cuda-mps-control
-      python3 -c "import json, sys; R = [[json.load(open(f'/tmp/crowd_{a}/{k}/results.json'))['R'] for k in range($N)]
+      python3 -c "import json; R = [[json.load(open(f'/tmp/crowd_{a}/{k}/results.json'))['R'] for k in range($N)]
                   for a in ('eager', 'mps')]; print('eager and mps runs of the same seed: R identical', R[0] == R[1])" \
         | tee -a "$OUT/crowd_mps.txt" || true
     fi ;;

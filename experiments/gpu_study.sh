@@ -60,13 +60,16 @@ case $STEP in
   unpack) unpack; exit ;;
   more) send; exit ;;
   stop) [ -e "$ROOT/$PHASE.pid" ] && kill -TERM -- -"$(cat "$ROOT/$PHASE.pid")" 2>/dev/null; exit 0 ;;
+  wave) ;;
+  *) echo "gpu_study.sh: unknown step '$STEP' (more, unpack or stop; none for a wave)" >&2; exit 2 ;;
 esac
 
 unpack
 GPUS=$(nvidia-smi -L | wc -l)
 MODEL=/root/ilora-model/smollm2-135m-instruct
 PID=$ROOT/$PHASE.pid
-if [ -e "$PID" ] && kill -0 "$(cat "$PID")" 2>/dev/null; then
+pid=$(cat "$PID" 2>/dev/null || true)  # the phase's process group, started by an earlier call on this machine
+if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
   echo "following the $PHASE runs started by an earlier call"
 else
   rm -rf "$ROOT/code" && mkdir -p "$ROOT/code" && cp -r ilora.py experiments "$ROOT/code/"
@@ -90,12 +93,13 @@ PY
   fi
   setsid python3 "$ROOT/code/experiments/study.py" "$PHASE" --root "$ROOT" --data-dir "$DATA" --model $MODEL \
     -j "${JOBS:-$((12 * GPUS))}" --gpus "$GPUS" --deadline "${RUN_FOR:-3000}" < /dev/null >> "$ROOT/$PHASE.log" 2>&1 &
-  echo $! > "$PID"
+  pid=$!
+  echo $pid > "$PID"
   echo "started the $PHASE runs"
 fi
 end=$((SECONDS + ${WAIT:-500}))
-while kill -0 "$(cat "$PID")" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
-kill -0 "$(cat "$PID")" 2>/dev/null && echo "the $PHASE runs go on" || echo "the $PHASE runs have ended"
+while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+kill -0 "$pid" 2>/dev/null && echo "the $PHASE runs go on" || echo "the $PHASE runs have ended"
 cp "$ROOT/$PHASE.log" "$OUT/"
 if [ -e "$ROOT/gpu-check.txt" ]; then cp "$ROOT/gpu-check.txt" "$OUT/"; fi
 rm -rf "$PACKS"
