@@ -11,8 +11,9 @@
 #   bash experiments/gpu_speed.sh crowd   # two GPUs: 12 ilora runs (2 tasks, 240 steps) side by side on each,
 #                                         eager on GPU 0, compiled_run.py on GPU 1: a study wave's throughput;
 #                                         seeds 0 to 5 twice, so each seed's two runs must give the same R
-#   bash experiments/gpu_speed.sh mps     # the same 12 runs a GPU, eager on both, GPU 1's through an MPS server
-#                                         (N=4: 4 runs a GPU)
+#   bash experiments/gpu_speed.sh mps     # the same 12 runs a GPU, eager on both, GPU 1's through an MPS server;
+#                                         on a machine of one GPU the two arms run one after the other on it
+#                                         (N=4: 4 runs an arm)
 #   bash experiments/gpu_speed.sh equal   # the evaluation pass at equal settings (batch 100): the baseline
 #                                         ilora.py (carry .baseline: git show b7808ed:ilora.py) and this one
 set -euo pipefail
@@ -93,10 +94,11 @@ print('$name: runs of the same seed with identical R:', sum(same), 'of', len(sam
       wait
     else
       export CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log; mkdir -p /tmp/mps-pipe /tmp/mps-log
-      CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe nvidia-cuda-mps-control -d  # a server of its own: GPU 0's runs skip it
-      arm 0 eager ilora.py &
-      CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe arm 1 mps ilora.py &
-      sleep 90; nvidia-smi > "$OUT/nvidia-smi.txt"  # under MPS, GPU 1 lists its runs as M+C and an mps-server
+      MPS_GPU=$(( $(nvidia-smi -L | wc -l) > 1 ? 1 : 0 ))  # one GPU: the two arms one after the other on it
+      if [ $MPS_GPU = 1 ]; then arm 0 eager ilora.py & else arm 0 eager ilora.py; fi
+      CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe nvidia-cuda-mps-control -d  # a server of its own: the eager runs skip it
+      CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe arm $MPS_GPU mps ilora.py &
+      sleep 90; nvidia-smi > "$OUT/nvidia-smi.txt"  # under MPS the card lists the mps runs as M+C and an mps-server
       wait
       echo quit | CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe nvidia-cuda-mps-control
       python3 -c "import json; R = [[json.load(open(f'/tmp/crowd_{a}/{k}/results.json'))['R'] for k in range($N)]
