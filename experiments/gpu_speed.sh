@@ -13,7 +13,7 @@
 #                                         seeds 0 to 5 twice, so each seed's two runs must give the same R
 #   bash experiments/gpu_speed.sh mps     # the same 12 runs a GPU, eager on both, GPU 1's through an MPS server;
 #                                         on a machine of one GPU the two arms run one after the other on it
-#                                         (N=4: 4 runs an arm)
+#                                         (N=4: 4 runs an arm; EPOCHS=2: 160 steps a run instead of 240)
 #   bash experiments/gpu_speed.sh equal   # the evaluation pass at equal settings (batch 100): the baseline
 #                                         ilora.py (carry .baseline: git show b7808ed:ilora.py) and this one
 set -euo pipefail
@@ -65,7 +65,7 @@ print('compiled runs: R', 'identical' if R[0] == R[1] else 'differ', '| all', le
   crowd|mps)
     # crowd: eager on GPU 0, compiled_run.py on GPU 1. mps: eager on both, GPU 1's runs through an MPS server
     # (kernels of several processes at once); the same seeds on both GPUs must give the same R.
-    SHORT="--data-dir $D --model $M --tasks MeetingBank,Py150 --epochs 3 --max-train 320 --batch-size 8
+    SHORT="--data-dir $D --model $M --tasks MeetingBank,Py150 --epochs ${EPOCHS:-3} --max-train 320 --batch-size 8
            --max-len 768 --max-new-tokens 64 --eval-split eval --max-eval 20 --no-eval-every-task --eval-batch-size 100
            --method ilora --lr 1e-3 --lam 0.9 --gamma 0.1"
     N=${N:-12}
@@ -76,6 +76,7 @@ print('compiled runs: R', 'identical' if R[0] == R[1] else 'differ', '| all', le
         CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=2 python3 $script $SHORT --seed $((k % 6)) --out /tmp/crowd_$name/$k \
           --overwrite > /tmp/crowd_${name}_$k.log 2>&1 &
       done
+      { sleep 60; cat /proc/loadavg; top -bn1 | head -n 20; } > "$OUT/load_$name.txt" 2>&1 || true  # are the host's cores the limit?
       wait
       echo "$name: $N runs on GPU $gpu in $SECONDS s" | tee "$OUT/crowd_$name.txt"
       python3 -c "import glob, json, statistics; t = [json.load(open(f))['timing']['train_seconds']
