@@ -19,6 +19,8 @@ no model, no GPU), then what a wave needs, from the runs under --root:
     python experiments/study.py table PHASE  # one line a finished run
     python experiments/study.py pack PHASE OUT   # the phase's runs as OUT/FOLDER-*.tgz, unfinished ones resumable
                                                  # (FOLDER: the phase's, screen for lr and grid)
+    python experiments/study.py collect PHASE .study   # the finished runs in .study/FOLDER-*.tgz into the
+                                                       # committed results (--decided), to be committed
 
 Every run uses --deterministic (the default of ilora.py) unless its phase says otherwise.
 """
@@ -274,6 +276,23 @@ def pack(root, runs, out, name, limit=14 << 20):
             for path, arcname in part:
                 tar.add(path, arcname=arcname)
 
+def collect(packs, runs, folder, name):
+    """The finished runs of the phase in packs/NAME-*.tgz (what the device calls brought back) into folder: config,
+    results, predictions and log, no checkpoint. A run already there is left as it is. Returns the runs added."""
+    added = []
+    for path in sorted(packs.glob(f"{name}-*.tgz")):
+        with tarfile.open(path) as tar:
+            members = {member.name: member for member in tar.getmembers() if member.isfile()}
+            for run in sorted({member.split("/")[0] for member in members}):
+                if run not in runs or f"{run}/results.json" not in members or (folder / run).exists():
+                    continue
+                for file in ("config.json", "results.json", "predictions.parquet", "log.txt"):
+                    if f"{run}/{file}" in members:
+                        (folder / run).mkdir(parents=True, exist_ok=True)
+                        (folder / run / file).write_bytes(tar.extractfile(members[f"{run}/{file}"]).read())
+                added.append(run)
+    return added
+
 def table(folder, runs, phase):
     done = {name: res for name, res in load(folder.parent, folder.name).items() if name in runs}
     lines = [f"{len(done)} of {len(runs)} runs of {phase} finished", "",
@@ -374,9 +393,9 @@ PHASES = ["repro", "pilot", "lr", "grid", "finals"]
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("action", choices=[*PHASES, "budget", "select", "report", "table", "pack"])
-    p.add_argument("phase", nargs="?", choices=PHASES, help="table and pack: the phase")
-    p.add_argument("dest", nargs="?", help="pack: the folder that receives FOLDER-*.tgz")
+    p.add_argument("action", choices=[*PHASES, "budget", "select", "report", "table", "pack", "collect"])
+    p.add_argument("phase", nargs="?", choices=PHASES, help="table, pack and collect: the phase")
+    p.add_argument("dest", nargs="?", help="pack: the folder that receives FOLDER-*.tgz; collect: that holds them")
     p.add_argument("--data-dir", default=str(DATA))
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     p.add_argument("--root", default=str(HERE / "results/study"), help="where the runs are written")
@@ -396,15 +415,18 @@ def main():
             print(select_table(decided))
         elif args.action == "report":
             print(report(decided, args.data_dir))
-        elif args.action in ("table", "pack"):
-            if args.phase is None or (args.action == "pack" and args.dest is None):
-                p.error(f"{args.action} needs a phase" + (" and a destination folder" if args.action == "pack" else ""))
+        elif args.action in ("table", "pack", "collect"):
+            if args.phase is None or (args.action != "table" and args.dest is None):
+                p.error(f"{args.action} needs a phase" + (" and a folder of packs" if args.action != "table" else ""))
             runs = phase_runs(args.phase, decided, args.data_dir)
             folder = root / FOLDER[args.phase]
             if args.action == "table":
                 print(table(folder, runs, args.phase))
-            else:
+            elif args.action == "pack":
                 pack(folder, runs, pathlib.Path(args.dest), FOLDER[args.phase])
+            else:
+                added = collect(pathlib.Path(args.dest), runs, decided / FOLDER[args.phase], FOLDER[args.phase])
+                print(f"{len(added)} finished runs added to {decided / FOLDER[args.phase]}: {' '.join(added)}")
         else:
             base = ["--model", args.model, "--data-dir", args.data_dir, *COMMON, *args.extra.split()]
             runs = phase_runs(args.action, decided, args.data_dir)

@@ -197,3 +197,22 @@ def test_a_pack_holds_whole_runs_and_the_checkpoints_of_unfinished_ones_only(tmp
     members = [sorted(tarfile.open(p).getnames()) for p in packs]
     assert members == [["a/config.json", "a/results.json", "b/checkpoint.pt", "b/config.json"],
                        ["c/checkpoint.pt", "c/config.json"]]
+
+def test_collect_takes_the_finished_runs_of_the_phase_from_packs_and_keeps_runs_already_there(tmp_path):
+    root = tmp_path / "screen"
+    for run, finished in (("a", True), ("b", False), ("old", True), ("other", True)):
+        (root / run).mkdir(parents=True)
+        (root / run / "config.json").write_text(f'{{"run": "{run}"}}')
+        (root / run / "checkpoint.pt").write_bytes(b"x" * 600)
+        if finished:
+            (root / run / "results.json").write_text(f'{{"R": "{run}"}}')
+    study.pack(root, ["a", "b", "old", "other"], tmp_path / "packs", "screen", limit=1000)
+    committed = tmp_path / "committed"
+    (committed / "old").mkdir(parents=True)
+    (committed / "old" / "results.json").write_text("kept")
+    added = study.collect(tmp_path / "packs", ["a", "b", "old"], committed, "screen")
+    assert added == ["a"]
+    assert sorted(p.name for p in (committed / "a").iterdir()) == ["config.json", "results.json"]
+    assert (committed / "a" / "results.json").read_text() == '{"R": "a"}'
+    assert (committed / "old" / "results.json").read_text() == "kept"
+    assert not (committed / "b").exists() and not (committed / "other").exists()
