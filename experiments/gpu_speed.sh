@@ -63,8 +63,8 @@ A = [[f.read_bytes() for f in sorted(pathlib.Path(d).glob('task_*/*/*.safetensor
 print('compiled runs: R', 'identical' if R[0] == R[1] else 'differ', '| all', len(A[0]), 'adapters',
       'identical' if A[0] and A[0] == A[1] else 'differ')" "$OUT"/compiled_{cold,warm}.json /tmp/compiled_{cold,warm} || true ;;
   crowd|mps)
-    # crowd: eager on GPU 0, compiled_run.py on GPU 1. mps: eager on both, GPU 1's runs through an MPS server
-    # (kernels of several processes at once); the same seeds on both GPUs must give the same R.
+    # crowd: eager on GPU 0, compiled_run.py on GPU 1. mps: eager in both arms, the second's runs through an MPS
+    # server (kernels of several processes at once); the same seeds in both arms must give the same R.
     SHORT="--data-dir $D --model $M --tasks MeetingBank,Py150 --epochs ${EPOCHS:-3} --max-train 320 --batch-size 8
            --max-len 768 --max-new-tokens 64 --eval-split eval --max-eval 20 --no-eval-every-task --eval-batch-size 100
            --method ilora --lr 1e-3 --lam 0.9 --gamma 0.1"
@@ -76,7 +76,8 @@ print('compiled runs: R', 'identical' if R[0] == R[1] else 'differ', '| all', le
         CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=2 python3 $script $SHORT --seed $((k % 6)) --out /tmp/crowd_$name/$k \
           --overwrite > /tmp/crowd_${name}_$k.log 2>&1 &
       done
-      { sleep 60; cat /proc/loadavg; top -bn1 | head -n 20; } > "$OUT/load_$name.txt" 2>&1 || true  # are the host's cores the limit?
+      # the host's load a minute in: whether its cores, rather than the GPU, are the limit
+      { sleep 60; cat /proc/loadavg; top -bn1 | head -n 20; } > "$OUT/load_$name.txt" 2>&1 || true
       wait
       echo "$name: $N runs on GPU $gpu in $SECONDS s" | tee "$OUT/crowd_$name.txt"
       python3 -c "import glob, json, statistics; t = [json.load(open(f))['timing']['train_seconds']
