@@ -45,6 +45,7 @@ SCREEN_SEEDS = (0, 1)
 FINAL_SEEDS = (0, 1, 2, 3)
 FOLDER = {"repro": "repro", "pilot": "pilot", "lr": "screen", "grid": "screen", "finals": "finals"}
 TIE = 1.0  # OP gaps under 1 point are ties
+RUN_FILES = ("config.json", "results.json", "predictions.parquet", "log.txt")  # what a run keeps; no adapters
 
 def points(x):
     """A score or a gap in [0, 1] as points, rounded off below 1e-9: an exact 1-point gap stays exactly 1."""
@@ -261,7 +262,7 @@ def pack(root, runs, out, name, limit=14 << 20):
     out.mkdir(parents=True, exist_ok=True)
     parts, size = [[]], 0
     for run in runs:
-        keep = ["config.json", "results.json", "predictions.parquet", "log.txt"]
+        keep = list(RUN_FILES)
         if not (root / run / "results.json").is_file():
             keep.append("checkpoint.pt")
         files = [(root / run / file, f"{run}/{file}") for file in keep if (root / run / file).is_file()]
@@ -286,9 +287,9 @@ def collect(packs, runs, folder, name):
             for run in sorted({member.split("/")[0] for member in members}):
                 if run not in runs or f"{run}/results.json" not in members or (folder / run).exists():
                     continue
-                for file in ("config.json", "results.json", "predictions.parquet", "log.txt"):
+                (folder / run).mkdir(parents=True)
+                for file in RUN_FILES:
                     if f"{run}/{file}" in members:
-                        (folder / run).mkdir(parents=True, exist_ok=True)
                         (folder / run / file).write_bytes(tar.extractfile(members[f"{run}/{file}"]).read())
                 added.append(run)
     return added
@@ -419,14 +420,14 @@ def main():
             if args.phase is None or (args.action != "table" and args.dest is None):
                 p.error(f"{args.action} needs a phase" + (" and a folder of packs" if args.action != "table" else ""))
             runs = phase_runs(args.phase, decided, args.data_dir)
-            folder = root / FOLDER[args.phase]
+            name = FOLDER[args.phase]
             if args.action == "table":
-                print(table(folder, runs, args.phase))
+                print(table(root / name, runs, args.phase))
             elif args.action == "pack":
-                pack(folder, runs, pathlib.Path(args.dest), FOLDER[args.phase])
+                pack(root / name, runs, pathlib.Path(args.dest), name)
             else:
-                added = collect(pathlib.Path(args.dest), runs, decided / FOLDER[args.phase], FOLDER[args.phase])
-                print(f"{len(added)} finished runs added to {decided / FOLDER[args.phase]}: {' '.join(added)}")
+                added = collect(pathlib.Path(args.dest), runs, decided / name, name)
+                print(f"{len(added)} finished runs added to {decided / name}: {' '.join(added)}")
         else:
             base = ["--model", args.model, "--data-dir", args.data_dir, *COMMON, *args.extra.split()]
             runs = phase_runs(args.action, decided, args.data_dir)
