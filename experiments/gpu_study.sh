@@ -90,7 +90,8 @@ PY
     ) < /dev/null > /dev/null 2>&1 &
   fi
   # Through an MPS server the kernels of the card's runs share it at once: 12 short ilora runs on one H200 trained
-  # 1.37x as fast, with the same R (gpu_speed.sh mps). A phase started after another on this machine finds it running.
+  # 1.37x as fast, with the same R (gpu_speed.sh mps). A phase started after another on this machine finds the
+  # server running.
   if [ "${MPS:-1}" = 1 ] && ! pgrep -x nvidia-cuda-mps-control > /dev/null; then
     nvidia-cuda-mps-control -d
     echo "MPS server started"
