@@ -11,7 +11,7 @@ Every targeted linear layer W gets two copies of LoRA factors (Hu et al., arXiv 
   h = the transformer blocks' outputs over real tokens; the slow learner answers at evaluation.
 `--method seq` (sequential LoRA) and `--method replay` (experience replay) run the same code with switches off.
 
-The method is everything above the banner "Machinery": for another training loop, copy LoRADropout down to
+The method is everything above the banner "Machinery": for another training loop, copy UsageError down to
 train_step (in one process, without train_step's process_share and sum_gradients lines). Below the banner: options,
 task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun, the command line.
 
@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+class UsageError(Exception):
+    """Bad input: main() prints it on one line and exits with code 2."""
 
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA layer: a wrapper around nn.Linear or transformers' Conv1D holding a fast and a slow pair of factors.
@@ -134,7 +137,7 @@ def inject_lora(model, targets=None, r=8, alpha=16.0, dropout=0.0):
     model.requires_grad_(False)
     found = {target: [] for target in targets}
     for name, module in list(model.named_modules()):
-        hits = [t for t in targets if name == t or name.endswith("." + t)]
+        hits = [target for target in targets if name == target or name.endswith("." + target)]
         if not hits or not is_linear(module):
             continue
         if r > min(in_out_features(module)):  # B A would have more rank than W itself
@@ -179,39 +182,50 @@ def interpolate_slow_(slow, fast, lam):
         s.lerp_(f, 1.0 - lam)
 
 # ----------------------------------------------------------------------------------------------------------------
-# Replay buffer: reservoir sampling over every training example seen, token ids on the CPU.
+# Replay buffer: reservoir sampling over every training example seen, token ids on the CPU with their task.
 
 class ReplayBuffer:
-    """A uniform sample of all examples added so far (Vitter's algorithm R); an example is (ids, n_prompt). Its own
-    random generator draws the slots and the samples, so that replay changes no other random draw (dropout, data
-    order): seq, replay and ilora's fast learner are the same run until the second task."""
+    """A uniform sample of all examples added so far (Vitter's algorithm R); an example is (ids, n_prompt), and
+    tasks[k] is the task items[k] came from. Its own random generator draws the slots and the samples, so that
+    replay changes no other random draw (dropout, data order): seq, replay and ilora's fast learner are the same run
+    until the second task."""
     def __init__(self, capacity, seed):
         self.capacity = capacity
         self.seen = 0
         self.items = []
+        self.tasks = []
         self.gen = torch.Generator().manual_seed(seed)
 
-    def add(self, examples):
+    def add(self, examples, task):
         for example in examples:
             self.seen += 1
             if len(self.items) < self.capacity:
                 self.items.append(example)
+                self.tasks.append(task)
                 continue
             slot = int(torch.randint(self.seen, (1,), generator=self.gen))
             if slot < self.capacity:  # kept with probability capacity / seen, in place of a random item
                 self.items[slot] = example
+                self.tasks[slot] = task
 
     def sample(self, n):
         """n examples drawn without replacement (all of them, if the buffer holds fewer)."""
         picks = torch.randperm(len(self.items), generator=self.gen)[:n].tolist()
         return [self.items[i] for i in picks]
 
+    def by_task(self):
+        """{task: its examples in the buffer}, in proportion to the examples each task added (a uniform sample)."""
+        counts = Counter(self.tasks)
+        return {task: counts[task] for task in sorted(counts, key=lambda task: (task is None, task or 0))}
+
     def state_dict(self):
-        return {"capacity": self.capacity, "seen": self.seen, "gen": self.gen.get_state(), "items": self.items}
+        return {"capacity": self.capacity, "seen": self.seen, "gen": self.gen.get_state(), "items": self.items,
+                "tasks": self.tasks}
 
     def load_state_dict(self, state):
         self.seen = state["seen"]
         self.items = [tuple(item) for item in state["items"]]
+        self.tasks = state.get("tasks", [None] * len(self.items))  # None: a checkpoint from before tasks were kept
         self.gen.set_state(state["gen"])
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,8 +256,8 @@ def collate(rows, pad_id, device):
     pos = (labels[:, 1:].reshape(-1) != -100).nonzero().squeeze(1)
     tensors = [ids, mask, labels, pos]
     if torch.device(device).type == "cuda":  # copies from pinned memory do not make the host wait
-        return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
-    return [t.to(device) for t in tensors]
+        return [tensor.pin_memory().to(device, non_blocking=True) for tensor in tensors]
+    return [tensor.to(device) for tensor in tensors]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Losses: next-token cross-entropy on the answers, and the consistency of the fast learner with the slow one.
@@ -313,7 +327,7 @@ def autocast(device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-def train_step(model, layers, opt, sched, current, replay, cfg, step):
+def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
     """One optimizer step of the fast learner on current + replay rows, then the slow learner's interpolation.
     Returns the CE and the consistency term as device tensors (no host sync)."""
     backbone = model.base_model  # the transformer without the LM head
@@ -342,9 +356,9 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
     sum_gradients(fast_tensors(layers))
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(fast_tensors(layers), cfg.grad_clip)
-    opt.step()
+    optimizer.step()
     sched.step()
-    opt.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
     # 6. the slow learner follows
     if cfg.method == "ilora":
         interpolate_slow_(slow_tensors(layers), fast_tensors(layers), slow_lam(step, cfg.lam))
@@ -353,21 +367,22 @@ def train_step(model, layers, opt, sched, current, replay, cfg, step):
 # ----------------------------------------------------------------------------------------------------------------
 # Task loop: epochs over one task's examples; replay from the second task on; the buffer fills as the task goes.
 
-def set_seed(seed, task=0):
+def set_seed(seed, task=0, rank=0):
     """Seed task `task`'s data order and dropout (0: before the first; LoRA init): every task starts from its own
-    seed, so a run resumed at a task boundary draws what an uninterrupted run draws, with no random state saved."""
-    torch.manual_seed(seed + task * 2 ** 32)  # also seeds every CUDA device
+    seed, so a run resumed at a task boundary draws what an uninterrupted run draws, with no random state saved.
+    Under torchrun, process `rank` then reseeds for dropout masks of its own."""
+    torch.manual_seed(seed + task * 2 ** 32 + rank)  # also seeds every CUDA device
 
 def train_task(model, layers, examples, t, buffer, cfg, state):
     """Train the fast learner on task t's (ids, n_prompt) examples; state holds the global step and counters."""
     from tqdm import tqdm
-    opt = torch.optim.AdamW(fast_tensors(layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=model.device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    optimizer = torch.optim.AdamW(fast_tensors(layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=model.device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     set_seed(cfg.seed, t)
     orders = [torch.randperm(len(examples)).tolist() for _ in range(cfg.epochs)]  # before any dropout draw
     if RANK:  # torchrun: the same data order on every process, dropout masks of its own
-        torch.manual_seed(cfg.seed + t * 2 ** 32 + RANK)
+        set_seed(cfg.seed, t, RANK)
     n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
     sums = torch.zeros(2, device=model.device)  # CE and consistency since the last log line
     model.train()
@@ -380,11 +395,11 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
                 if cfg.method != "seq" and t > 1:  # there is nothing to replay during the first task
                     replay = buffer.sample(len(current))
                 state["step"] += 1
-                sums += torch.stack(train_step(model, layers, opt, sched, current, replay, cfg, state["step"]))
+                sums += torch.stack(train_step(model, layers, optimizer, sched, current, replay, cfg, state["step"]))
                 state["tokens"] += sum(len(ids) for ids, _ in current + replay)
                 # each example enters the buffer once, after its step: no batch of the first epoch replays itself
                 if epoch == 0 and cfg.method != "seq":
-                    buffer.add(current)
+                    buffer.add(current, t)
                 bar.update()
                 done += 1
                 if done % cfg.log_every == 0 or done == n_steps:
@@ -431,31 +446,33 @@ def score(tasks, preds, metrics, split):
     for name, splits in tasks.items():
         records = splits[split]
         scorer = METRICS[metrics[name]]
-        row.append(math.fsum(scorer(p, r["answer"], r["prompt"]) for p, r in zip(preds[name], records))
+        row.append(math.fsum(scorer(pred, record["answer"], record["prompt"])
+                             for pred, record in zip(preds[name], records))
                    / len(records))
     return row
 
 def cl_metrics(R):
-    """Continual-learning metrics of an accuracy matrix R of n + 1 rows and n columns, scores in [0, 1]:
+    """Continual-learning metrics of an accuracy matrix R of T + 1 rows and T columns, scores in [0, 1]:
     R[t][i] = score on task i after training tasks 1..t (row 0 = the base model, column i-1 = task i).
 
-        OP  = (1/n)     sum_i R[n][i]                                final average performance
-        BWT = (1/(n-1)) sum_{i<n} (R[n][i] - R[i][i])                 negative = forgetting
-        FWT = (1/(n-1)) sum_{i>=2} (R[i-1][i] - R[0][i])              gain on task i before training on it
-        F   = (1/(n-1)) sum_{i<n} (max_{1<=l<n} R[l][i] - R[n][i])    drop from the best score reached
-        AP_t = (1/t) sum_{i<=t} R[t][i]                               average over the tasks seen, per step
-    BWT, FWT and F need every row and n > 1, OP the last row, AP_t row t; what cannot be computed is None."""
-    n = len(R[0])
-    def r(t, i):  # i: the 1-based task index
+        OP  = (1/T)     sum_i R[T][i]                                final average performance
+        BWT = (1/(T-1)) sum_{i<T} (R[T][i] - R[i][i])                 negative = forgetting
+        FWT = (1/(T-1)) sum_{i>=2} (R[i-1][i] - R[0][i])              gain on task i before training on it
+        F   = (1/(T-1)) sum_{i<T} (max_{1<=l<T} R[l][i] - R[T][i])    drop from the best score reached
+        AP_t = (1/t) sum_{i<=t} R[t][i]                               average over the tasks seen, after task t
+    BWT, FWT and F need every row and T > 1, OP the last row, AP_t row t; what cannot be computed is None
+    (AP holds one entry a task, None where its row was not scored)."""
+    T = len(R[0])
+    def at(t, i):  # i: the 1-based task index
         return R[t][i - 1]
-    ap = [sum(r(t, i) for i in range(1, t + 1)) / t for t in range(1, n + 1) if R[t] is not None]
+    ap = [sum(at(t, i) for i in range(1, t + 1)) / t if R[t] is not None else None for t in range(1, T + 1)]
     out = {"AP": ap, "OP": None, "BWT": None, "FWT": None, "F": None}
-    if R[n] is not None:
-        out["OP"] = sum(r(n, i) for i in range(1, n + 1)) / n
-    if n > 1 and all(row is not None for row in R):
-        out["BWT"] = sum(r(n, i) - r(i, i) for i in range(1, n)) / (n - 1)
-        out["FWT"] = sum(r(i - 1, i) - r(0, i) for i in range(2, n + 1)) / (n - 1)
-        out["F"] = sum(max(r(l, i) for l in range(1, n)) - r(n, i) for i in range(1, n)) / (n - 1)
+    if R[T] is not None:
+        out["OP"] = sum(at(T, i) for i in range(1, T + 1)) / T
+    if T > 1 and all(row is not None for row in R):
+        out["BWT"] = sum(at(T, i) - at(i, i) for i in range(1, T)) / (T - 1)
+        out["FWT"] = sum(at(i - 1, i) - at(0, i) for i in range(2, T + 1)) / (T - 1)
+        out["F"] = sum(max(at(l, i) for l in range(1, T)) - at(T, i) for i in range(1, T)) / (T - 1)
     return out
 
 def format_R(R, names, learner):
@@ -492,8 +509,10 @@ class Config:
     dropout: float = opt(0.05, "dropout on the fast learner's LoRA input, [0, 1)")
     targets: str = opt("", "comma list of module names to adapt; empty = the default for the model type")
     # I-LoRA
-    lam: float = opt(0.99, "lambda: slow learner's interpolation weight, [0, 1); closer to 1 = slower")
-    gamma: float = opt(1.0, "gamma: weight of the hidden-state consistency loss, >= 0")
+    lam: float = opt(0.99, "lambda: slow learner's interpolation weight, [0, 1); closer to 1 = slower (the paper "
+                           "prints no value; the default is ours)")
+    gamma: float = opt(1.0, "gamma: weight of the hidden-state consistency loss, >= 0; the MSE of raw hidden states "
+                            "grows with the model's, so a gamma does not carry over between models")
     buffer_size: int = opt(500, "replay buffer capacity in examples (reservoir sampling), >= 1 for replay and ilora")
     # optimisation
     epochs: int = opt(3, "epochs per task")
@@ -502,7 +521,8 @@ class Config:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup: int = opt(10, "linear warm-up steps of the learning rate, per task")
     grad_clip: float = opt(1.0, "gradient-norm clip, 0 = off")
-    max_len: int = opt(512, "max tokens per training row; the prompt is cut from the left, the answer kept")
+    max_len: int = opt(512, "max tokens per training row; the prompt is cut from the left, the answer kept unless "
+                            "it alone is longer (then it is cut, without its eos)")
     max_train: int = opt(0, "cap on training examples per task, 0 = all")
     max_eval: int = opt(0, "cap on eval examples per task (with --eval-split eval), 0 = all")
     max_test: int = opt(0, "cap on test examples per task, 0 = all")
@@ -523,9 +543,6 @@ RESUMABLE = {"out", "overwrite", "resume", "log_every"}
 def result_changing(saved, cfg):
     """Names of the settings in which cfg differs from a saved config.json in a way that changes the result."""
     return [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
-
-class UsageError(Exception):
-    """Bad input: main() prints it on one line and exits with code 2."""
 
 AT_LEAST = {"r": 1, "epochs": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "max_len": 8, "warmup": 0,
             "max_train": 0, "max_eval": 0, "max_test": 0, "buffer_size": 0}
@@ -552,7 +569,7 @@ def check_config(cfg):
         require(cfg, name, 0 <= getattr(cfg, name) < 1, "in [0, 1)")
     require(cfg, "model", cfg.model.strip() != "", "a hub id or a folder")
     require(cfg, "out", cfg.out.strip() != "", "a folder")
-    require(cfg, "tasks", any(t.strip() for t in cfg.tasks.split(",")), "a comma list of tasks")
+    require(cfg, "tasks", any(name.strip() for name in cfg.tasks.split(",")), "a comma list of tasks")
     require(cfg, "max_new_tokens", 1 <= cfg.max_new_tokens < cfg.max_len, "in [1, --max-len): the prompt needs room")
     require(cfg, "seed", 0 <= cfg.seed < 2 ** 32, "in [0, 2**32)")
     if cfg.device == "cuda":
@@ -603,7 +620,7 @@ def read_split(path, split):
 
 def load_tasks(cfg):
     """{name: {split: records}} of the splits a run uses (train and --eval-split), checked before any model loads."""
-    names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    names = [name.strip() for name in cfg.tasks.split(",") if name.strip()]
     if names == ["builtin"]:
         names = BUILTIN
     caps = {"train": cfg.max_train, "eval": cfg.max_eval, "test": cfg.max_test}
@@ -754,14 +771,17 @@ def merged(model, learner):
 # GPT-Neo's local attention counts its window in cache slots, so a static cache's padding changes the answers.
 STATIC_CACHE_WRONG = {"gpt_neo"}
 
+def static_cache(model):
+    return model.device.type == "cuda" and model.config.model_type not in STATIC_CACHE_WRONG
+
 def predict(model, tok, tasks, cfg, gen_lens, learner):
     """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Prompts of the same generation length,
     sorted by length, are cut into batches; under torchrun process k decodes batches k, k + WORLD, ...: each
     batch, and so each answer, is the same whatever the number of processes."""
     from tqdm import tqdm
-    static = model.device.type == "cuda" and model.config.model_type not in STATIC_CACHE_WRONG
+    static = static_cache(model)
     jobs = []  # (generation length, the prompts' indices in `prompts`)
-    prompts = [r["prompt"] for name in tasks for r in tasks[name][cfg.eval_split]]
+    prompts = [record["prompt"] for name in tasks for record in tasks[name][cfg.eval_split]]
     n_new = [gen_lens[name] for name in tasks for _ in tasks[name][cfg.eval_split]]
     for length in sorted(set(n_new)):
         group = [i for i in range(len(prompts)) if n_new[i] == length]
@@ -802,8 +822,8 @@ def save_peft_adapter(model, layers, folder, learner, cfg, base=None):
     from safetensors.torch import save_file
     folder = pathlib.Path(folder)
     wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALayer)]
-    tensors = {f"base_model.model.{name}.lora_{ab}.weight": t.detach().float().cpu().contiguous()
-               for name, module in wrapped for ab, t in zip("AB", module.factors(learner))}
+    tensors = {f"base_model.model.{name}.lora_{ab}.weight": factor.detach().float().cpu().contiguous()
+               for name, module in wrapped for ab, factor in zip("AB", module.factors(learner))}
     write_json(folder / "adapter_config.json", {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in wrapped}),
@@ -813,8 +833,8 @@ def save_peft_adapter(model, layers, folder, learner, cfg, base=None):
 
 def save_checkpoint(out, layers, buffer, state, R):
     """What a resumed run needs after a finished task: both learners, the buffer, the counters and R."""
-    checkpoint = {"fast": [t.detach().cpu() for t in fast_tensors(layers)],
-                  "slow": [t.cpu() for t in slow_tensors(layers)],
+    checkpoint = {"fast": [tensor.detach().cpu() for tensor in fast_tensors(layers)],
+                  "slow": [tensor.cpu() for tensor in slow_tensors(layers)],
                   "buffer": buffer.state_dict(), "state": state, "R": R}
     atomic_write(pathlib.Path(out) / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
 
@@ -924,7 +944,7 @@ def check_model(cfg):
         inject_lora(AutoModelForCausalLM.from_config(config), lora_targets(cfg), cfg.r, cfg.alpha)
 
 def lora_targets(cfg):
-    return [t.strip() for t in cfg.targets.split(",") if t.strip()] or None
+    return [target.strip() for target in cfg.targets.split(",") if target.strip()] or None
 
 def save_converted(model, tok):
     """Keep the GGUF's de-quantized model as an HF folder in CACHE: written aside, then renamed: whole or absent."""
@@ -939,9 +959,12 @@ def save_converted(model, tok):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+def model_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
 def load_model(name, device):
     """The model in bf16 on a GPU, fp32 on a CPU, and its tokenizer with a pad token."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = model_dtype(device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     logging.set_verbosity_error()  # its notes on weights and its progress bars would bury the run's own log
@@ -1046,6 +1069,10 @@ def sum_gradients(tensors):
 # ----------------------------------------------------------------------------------------------------------------
 # The run: check every input, load, then train and score task after task; and the command line.
 
+def machine(device):
+    """What a run's numbers depend on besides its settings and inputs: bf16 or fp32, and the processes' dropout."""
+    return {"device": device.type, "dtype": str(model_dtype(device)).removeprefix("torch."), "processes": WORLD}
+
 def check_inputs(cfg, device):
     """Everything a run reads, checked before the model loads: the tasks, their scorers, on --resume the run."""
     out = pathlib.Path(cfg.out)
@@ -1056,6 +1083,10 @@ def check_inputs(cfg, device):
         if diff:
             changes = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
             raise UsageError(f"--resume with settings that change the result: {changes}")
+        began_on = saved.get("machine")  # None: a run begun before config.json recorded it
+        if began_on not in (None, machine(device)):
+            raise UsageError(f"--resume on another kind of machine, which changes the result: began on {began_on}, "
+                             f"now {machine(device)}")
     elif any((out / name).exists() for name in ("results.json", "checkpoint.pt")) and not cfg.overwrite:
         raise UsageError(f"{out} already holds results; pass --overwrite or --resume, or choose another --out")
     tasks = load_tasks(cfg)
@@ -1075,8 +1106,9 @@ def encode_tasks(tok, tasks, cfg):
     train = {}
     gen_lens = {}
     for name, splits in tasks.items():
-        train[name] = [encode(tok, r["prompt"], r["answer"], cfg.max_len) for r in splits["train"]]
-        longest = max(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) for r in splits["train"])
+        records = splits["train"]
+        train[name] = [encode(tok, record["prompt"], record["answer"], cfg.max_len) for record in records]
+        longest = max(len(tok(record["answer"], add_special_tokens=False)["input_ids"]) for record in records)
         gen_lens[name] = min(cfg.max_new_tokens, longest + 8)
     return train, gen_lens
 
@@ -1103,12 +1135,16 @@ def run(cfg):
     make_deterministic(cfg.deterministic)
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device)
-    fingerprints = saved["fingerprint"] if cfg.resume else from_rank_zero(lambda: fingerprint(cfg, tasks))
-    write_json(out / "config.json", {**dataclasses.asdict(cfg), "fingerprint": fingerprints})
     layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
+    fingerprints = saved["fingerprint"] if cfg.resume else from_rank_zero(lambda: fingerprint(cfg, tasks))
+    adapted = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                      if isinstance(module, LoRALayer)})
+    write_json(out / "config.json", {**dataclasses.asdict(cfg), "machine": machine(device), "lora_targets": adapted,
+                                     "kv_cache": "static" if static_cache(model) else "dynamic",
+                                     "fingerprint": fingerprints})
     if WORLD > 1:  # rank 0's initial learners on every process, whatever draws loading the model made on each
-        for t in fast_tensors(layers) + slow_tensors(layers):
-            torch.distributed.broadcast(t.data, src=0)
+        for tensor in fast_tensors(layers) + slow_tensors(layers):
+            torch.distributed.broadcast(tensor.data, src=0)
     train, gen_lens = encode_tasks(tok, tasks, cfg)
     learners = ["fast"]
     if cfg.method == "ilora":
@@ -1131,9 +1167,8 @@ def run(cfg):
                                          for name, ps in preds.items() for i, p in enumerate(ps)]
         table = pa.Table.from_pylist(state["predictions"])  # every answer: a run can be re-scored without a model
         atomic_write(out / "predictions.parquet", lambda p: pq.write_table(table, p))
-        for learner in learners:  # the header and the base row first, then each new row
-            lines = format_R(R[learner][: t + 1], names, learner).splitlines()
-            print("\n".join(lines) if t == 0 else f"{lines[-1]}  ({learner})")
+        for learner in learners:  # R so far
+            print(format_R(R[learner][: t + 1], names, learner))
         state["eval_s"] += time.time() - start
 
     if not cfg.resume:
@@ -1144,14 +1179,14 @@ def run(cfg):
         start = time.time()
         train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state)
         state["train_s"] += time.time() - start
+        if cfg.method != "seq":
+            print(f"buffer: {len(buffer.items)} of the {buffer.seen} examples seen; by task: {buffer.by_task()}")
         if cfg.eval_every_task or t == len(names):
             score_row(t)
         state["done"] = t
         for learner in (["fast", "slow"] if cfg.method == "ilora" else ["fast"]):
             save_peft_adapter(model, layers, out / f"task_{t}" / learner, learner, cfg, base)
         save_checkpoint(out, layers, buffer, state, R)
-    for learner in learners:
-        print(format_R(R[learner], names, learner))
     return write_results(cfg, names, metrics, learners, R, state, device)
 
 def write_results(cfg, names, metrics, learners, R, state, device):

@@ -388,7 +388,7 @@ def test_reservoir_keeps_capacity_and_is_deterministic():
     a, b = ilora.ReplayBuffer(10, seed=3), ilora.ReplayBuffer(10, seed=3)
     for buf in (a, b):
         for i in range(100):
-            buf.add([(torch.tensor([i]), 0)])
+            buf.add([(torch.tensor([i]), 0)], task=1)
     assert len(a.items) == 10 and a.seen == 100
     assert [int(x[0]) for x, _ in a.items] == [int(x[0]) for x, _ in b.items]
     assert [int(x[0]) for x, _ in a.sample(5)] == [int(x[0]) for x, _ in b.sample(5)]
@@ -398,11 +398,21 @@ def test_reservoir_samples_uniformly_over_the_stream():
     counts = torch.zeros(10)
     for seed in range(trials):
         buf = ilora.ReplayBuffer(capacity, seed)
-        buf.add([(torch.tensor([i]), 0) for i in range(stream)])
+        buf.add([(torch.tensor([i]), 0) for i in range(stream)], task=1)
         for ids, _ in buf.items:
             counts[int(ids[0]) * 10 // stream] += 1
     expected = trials * capacity / 10  # 800 per tenth of the stream; std ~ 27
     assert ((counts - expected).abs() < 0.15 * expected).all(), counts
+
+def test_the_buffer_keeps_the_task_of_each_example_through_replacements_and_a_checkpoint():
+    buf = ilora.ReplayBuffer(10, seed=0)
+    buf.add([(torch.tensor([i]), 0) for i in range(30)], task=1)
+    buf.add([(torch.tensor([i]), 0) for i in range(30, 90)], task=2)
+    assert buf.tasks == [1 if int(ids[0]) < 30 else 2 for ids, _ in buf.items]
+    assert sum(buf.by_task().values()) == 10 and set(buf.by_task()) == {1, 2}
+    copy = ilora.ReplayBuffer(10, seed=5)
+    copy.load_state_dict(buf.state_dict())
+    assert copy.tasks == buf.tasks and copy.by_task() == buf.by_task()
 
 def test_replay_starts_with_the_second_task(tmp_path, model_dir, monkeypatch):
     sizes = []
@@ -561,7 +571,9 @@ def test_cl_metrics_on_hand_computed_matrix():
 def test_cl_metrics_single_task_and_partial():
     assert ilora.cl_metrics([[0.2], [0.7]])["BWT"] is None
     partial = ilora.cl_metrics([[0.1, 0.2], [0.5, 0.1], None])
-    assert partial["AP"] == [0.5] and partial["OP"] is None
+    assert partial["AP"] == [0.5, None] and partial["OP"] is None
+    base_and_end = ilora.cl_metrics([[0.1, 0.2], None, [0.4, 0.6]])  # --no-eval-every-task
+    assert base_and_end["AP"] == [None, pytest.approx(0.5)] and base_and_end["BWT"] is None
 
 def test_the_lenient_exact_match_strips_and_nothing_else():
     em = ilora.METRICS["em"]
@@ -892,6 +904,17 @@ def test_resume_refuses_settings_that_change_the_result(tmp_path, model_dir, cap
             ilora.main(args + ["--resume", *change])
         assert e.value.code == 2 and message in capsys.readouterr().err
 
+def test_resume_refuses_another_kind_of_machine(tmp_path, model_dir, capsys):
+    args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
+    ilora.main(args)
+    config = tmp_path / "out" / "config.json"
+    saved = json.loads(config.read_text())
+    assert saved["machine"] == {"device": "cpu", "dtype": "float32", "processes": 1}
+    assert saved["kv_cache"] == "dynamic" and saved["lora_targets"]
+    config.write_text(json.dumps({**saved, "machine": {"device": "cuda", "dtype": "bfloat16", "processes": 1}}))
+    with pytest.raises(SystemExit) as e:
+        ilora.main(args + ["--resume"])
+    assert e.value.code == 2 and "another kind of machine" in capsys.readouterr().err
 
 def test_sigint_keeps_finished_tasks_and_resume_completes(tmp_path, model_dir):
     args = base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--epochs", "60")

@@ -196,8 +196,9 @@ def plot_ap(plt, runs, path):
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     for run_dir, res in runs:
         for learner in res["learners"]:
-            ap = [100 * v for v in res["metrics"][learner]["AP"]]
-            ax.plot(range(1, len(ap) + 1), ap, marker="o", label=f"{res['method']} ({learner}) - {run_dir.name}")
+            ap = res["metrics"][learner]["AP"]  # None after a task whose row was not scored
+            scored = [t for t, v in enumerate(ap, 1) if v is not None]
+            ax.plot(scored, [100 * ap[t - 1] for t in scored], marker="o", label=f"{res['method']} ({learner}) - {run_dir.name}")
     names = runs[0][1]["tasks"]
     same = all(res["tasks"] == names for _, res in runs)
     ax.set_xticks(range(1, len(names) + 1), [f"{t}\n{n}" if same else str(t) for t, n in enumerate(names, 1)],
