@@ -1278,7 +1278,8 @@ ilora.main()
 def test_bad_input_under_torchrun_exits_2_on_every_rank_without_hanging(tmp_path, model_dir):
     proc = torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "bad", "--lr", "-1"), timeout=120)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: --lr -1.0: must be > 0"] * 2 and proc.returncode != 0
+    # each rank refuses on its own, but torchrun stops the others when the first one exits: one or two lines
+    assert errors and set(errors) == {"error: --lr -1.0: must be > 0"} and proc.returncode != 0
     assert not (tmp_path / "bad").exists()
     proc = torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "bad", "--targets", "nope"), timeout=120)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
