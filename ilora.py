@@ -225,7 +225,7 @@ class ReplayBuffer:
     def load_state_dict(self, state):
         self.seen = state["seen"]
         self.items = [tuple(item) for item in state["items"]]
-        self.tasks = state.get("tasks", [None] * len(self.items))  # None: a checkpoint from before tasks were kept
+        self.tasks = list(state.get("tasks", [None] * len(self.items)))  # None: a checkpoint from before tasks
         self.gen.set_state(state["gen"])
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,7 +522,7 @@ class Config:
     warmup: int = opt(10, "linear warm-up steps of the learning rate, per task")
     grad_clip: float = opt(1.0, "gradient-norm clip, 0 = off")
     max_len: int = opt(512, "max tokens per training row; the prompt is cut from the left, the answer kept unless "
-                            "it alone is longer (then it is cut, without its eos)")
+                            "it needs max_len - 1 tokens or more with its eos (then its end and eos are cut)")
     max_train: int = opt(0, "cap on training examples per task, 0 = all")
     max_eval: int = opt(0, "cap on eval examples per task (with --eval-split eval), 0 = all")
     max_test: int = opt(0, "cap on test examples per task, 0 = all")
@@ -1070,7 +1070,8 @@ def sum_gradients(tensors):
 # The run: check every input, load, then train and score task after task; and the command line.
 
 def machine(device):
-    """What a run's numbers depend on besides its settings and inputs: bf16 or fp32, and the processes' dropout."""
+    """The device type, dtype and number of processes (each draws dropout of its own): --resume checks them. The
+    GPU's model and the library versions also move bf16 numbers; they are not checked."""
     return {"device": device.type, "dtype": str(model_dtype(device)).removeprefix("torch."), "processes": WORLD}
 
 def check_inputs(cfg, device):
@@ -1175,7 +1176,8 @@ def run(cfg):
         score_row(0)
         save_checkpoint(out, layers, buffer, state, R)
     base = model_source(cfg.model)[0]  # where peft finds the base model offline (the default: its converted copy)
-    for t in range(state["done"] + 1, len(names) + 1):
+    todo = range(state["done"] + 1, len(names) + 1)
+    for t in todo:
         start = time.time()
         train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state)
         state["train_s"] += time.time() - start
@@ -1187,6 +1189,9 @@ def run(cfg):
         for learner in (["fast", "slow"] if cfg.method == "ilora" else ["fast"]):
             save_peft_adapter(model, layers, out / f"task_{t}" / learner, learner, cfg, base)
         save_checkpoint(out, layers, buffer, state, R)
+    if not todo:  # resumed with every task done: R, once
+        for learner in learners:
+            print(format_R(R[learner], names, learner))
     return write_results(cfg, names, metrics, learners, R, state, device)
 
 def write_results(cfg, names, metrics, learners, R, state, device):

@@ -410,9 +410,19 @@ def test_the_buffer_keeps_the_task_of_each_example_through_replacements_and_a_ch
     buf.add([(torch.tensor([i]), 0) for i in range(30, 90)], task=2)
     assert buf.tasks == [1 if int(ids[0]) < 30 else 2 for ids, _ in buf.items]
     assert sum(buf.by_task().values()) == 10 and set(buf.by_task()) == {1, 2}
+    path = io.BytesIO()
+    torch.save(buf.state_dict(), path)
+    path.seek(0)
     copy = ilora.ReplayBuffer(10, seed=5)
-    copy.load_state_dict(buf.state_dict())
+    copy.load_state_dict(torch.load(path, weights_only=True))
     assert copy.tasks == buf.tasks and copy.by_task() == buf.by_task()
+
+def test_a_buffer_from_an_older_checkpoint_loads_with_unknown_tasks():
+    buf = ilora.ReplayBuffer(4, seed=0)
+    older = {"seen": 2, "items": [(torch.tensor([1]), 0), (torch.tensor([2]), 0)], "gen": buf.gen.get_state()}
+    buf.load_state_dict(older)
+    buf.add([(torch.tensor([3]), 0)], task=3)
+    assert buf.tasks == [None, None, 3] and list(buf.by_task().items()) == [(3, 1), (None, 2)]
 
 def test_replay_starts_with_the_second_task(tmp_path, model_dir, monkeypatch):
     sizes = []
@@ -904,6 +914,25 @@ def test_resume_refuses_settings_that_change_the_result(tmp_path, model_dir, cap
             ilora.main(args + ["--resume", *change])
         assert e.value.code == 2 and message in capsys.readouterr().err
 
+def test_a_run_begun_before_the_machine_and_the_buffer_s_tasks_were_saved_resumes_to_the_same_results(
+        tmp_path, model_dir, monkeypatch):
+    args = base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--method", "ilora", "--buffer-size", "6")
+    ilora.main(args + ["--out", str(tmp_path / "full")])
+    real = crash_at_task(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="power cut"):
+        ilora.main(args)
+    monkeypatch.setattr(ilora, "train_task", real)
+    config, checkpoint = tmp_path / "out" / "config.json", tmp_path / "out" / "checkpoint.pt"
+    added_later = ("machine", "lora_targets", "kv_cache")
+    older = {k: v for k, v in json.loads(config.read_text()).items() if k not in added_later}
+    config.write_text(json.dumps(older))
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["buffer"]["tasks"]
+    torch.save(saved, checkpoint)
+    ilora.main(args + ["--resume"])
+    assert without_timing(tmp_path / "out" / "results.json") == without_timing(tmp_path / "full" / "results.json")
+    assert_same_tensors(adapters(tmp_path / "out"), adapters(tmp_path / "full"))
+
 def test_resume_refuses_another_kind_of_machine(tmp_path, model_dir, capsys):
     args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
     ilora.main(args)
@@ -1283,4 +1312,4 @@ def test_bad_input_under_torchrun_ends_with_its_one_line_error_without_hanging(t
     assert not (tmp_path / "bad").exists()
     proc = torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "bad", "--targets", "nope"), timeout=120)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all("match no linear layer" in e for e in errors) and proc.returncode != 0
+    assert errors and all("match no linear layer" in e for e in errors) and proc.returncode != 0

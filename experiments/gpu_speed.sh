@@ -65,7 +65,7 @@ print('compiled runs: R', 'identical' if R[0] == R[1] else 'differ', '| all', le
   crowd|mps)
     # crowd: eager on GPU 0, compiled_run.py on GPU 1. mps: eager in both arms, the second's runs through an MPS
     # server (kernels of several processes at once); the same seeds in both arms must give the same R.
-    if pgrep -x nvidia-cuda-mps-control > /dev/null; then  # gpu_study.sh's, say: every run would go through it
+    if pgrep -f '^nvidia-cuda-mps-control' > /dev/null; then  # gpu_study.sh's, say: every run would go through it
       echo "gpu_speed.sh $1: an MPS server is running; stop it first (echo quit | nvidia-cuda-mps-control)" >&2
       exit 1
     fi

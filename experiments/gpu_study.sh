@@ -17,8 +17,9 @@
 #   bash experiments/gpu_study.sh lr more       # the packs the last call could not bring back
 #   bash experiments/gpu_study.sh lr unpack     # unpack the carried .study only
 #   bash experiments/gpu_study.sh lr stop       # stop the phase's runs now (their checkpoints stay)
-#   MPS=0 WAIT=500 bash experiments/gpu_study.sh lr   # the phase's runs without an MPS server (the default runs
-#                                                     them through one: gpu_speed.sh mps, BENCHMARKS.md)
+#   MPS=0 WAIT=500 bash experiments/gpu_study.sh lr   # start no MPS server (the default runs a phase through one:
+#                                                     gpu_speed.sh mps, BENCHMARKS.md); one already running still
+#                                                     serves the runs: echo quit | nvidia-cuda-mps-control
 set -euo pipefail
 PHASE=$1; STEP=${2:-wave}; OUT=${OUT:-/tmp/out}; ROOT=${ROOT:-/root/study}
 case $PHASE in lr|grid) FOLDER=screen;; *) FOLDER=$PHASE;; esac
@@ -91,10 +92,9 @@ PY
   fi
   # Through an MPS server the kernels of the card's runs share it at once: 12 short ilora runs on one H200 trained
   # 1.37x as fast, with the same R (gpu_speed.sh mps). A phase started after another on this machine finds the
-  # server running.
-  if [ "${MPS:-1}" = 1 ] && ! pgrep -x nvidia-cuda-mps-control > /dev/null; then
-    nvidia-cuda-mps-control -d
-    echo "MPS server started"
+  # server running. (pgrep -x would compare only the first 15 characters of the name.)
+  if [ "${MPS:-1}" = 1 ] && ! pgrep -f '^nvidia-cuda-mps-control' > /dev/null; then
+    nvidia-cuda-mps-control -d && echo "MPS server started" || echo "MPS server not started"
   fi
   setsid python3 "$ROOT/code/experiments/study.py" "$PHASE" --root "$ROOT" --data-dir "$DATA" --model $MODEL \
     -j "${JOBS:-$((12 * GPUS))}" --gpus "$GPUS" --deadline "${RUN_FOR:-3000}" < /dev/null >> "$ROOT/$PHASE.log" 2>&1 &

@@ -8,7 +8,7 @@ LoRA wrappers left in, delta W applied to the activations in the factors' fp32),
         --data-dir /root/ilora-data/trace_500 --out merge_check.json
 
 Prints, per learner, how many answers differ between the two paths and each task's score both ways, and the size
-of delta W against W's bf16 grid.
+of delta W's entries that the merge loses whole.
 """
 import argparse, json, pathlib, sys, time
 
@@ -30,18 +30,15 @@ def predict(model, layers, tok, tasks, cfg, gen_lens, learner, merge):
         ilora.merged = real
 
 @torch.no_grad()
-def below_half_step(layers, learner):
-    """The share of delta W's entries smaller than half a bf16 step of W there: what the merge rounds away.
-    bf16 keeps 8 significant bits, so |w| = m 2^e with m in [0.5, 1) lies on a grid of step 2^(e - 8)."""
-    small = total = 0
+def rounded_away(layers, learner):
+    """The share of delta W's nonzero entries that the merge loses whole: bf16(W + delta W) == bf16(W)."""
+    lost = nonzero = 0
     for layer in layers:
-        weight = layer.base_layer.weight.float()
+        weight = layer.base_layer.weight.to(torch.bfloat16).float()
         delta = layer.delta_weight(learner)
-        _, exponent = torch.frexp(weight)
-        half_step = torch.ldexp(torch.ones_like(weight), exponent - 9)
-        small += int((delta.abs() < half_step).sum())
-        total += delta.numel()
-    return small / total
+        lost += int((((weight + delta).to(torch.bfloat16).float() == weight) & (delta != 0)).sum())
+        nonzero += int((delta != 0).sum())
+    return lost / max(nonzero, 1)
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -86,7 +83,7 @@ def main():
             rows[merge] = ilora.score(tasks, preds, metrics, "eval")
         result[learner] = {
             "answers_differ": sum(a != b for a, b in zip(answers[True], answers[False])),
-            "delta_below_half_step": round(below_half_step(layers, learner), 4),
+            "delta_rounded_away": round(rounded_away(layers, learner), 4),
             "OP_merged": round(100 * sum(rows[True]) / len(rows[True]), 2),
             "OP_unmerged": round(100 * sum(rows[False]) / len(rows[False]), 2),
             "scores_merged": {name: round(100 * v, 1) for name, v in zip(tasks, rows[True])},

@@ -8,15 +8,16 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora
 import ilora, merge_check
 from test_ilora import model_dir, tiny_tokenizer, write_task  # noqa: F401
 
-def test_below_half_step_counts_the_entries_a_bf16_merge_rounds_away():
-    layer = ilora.LoRALayer(nn.Linear(4, 2, bias=False), r=1, alpha=1.0, dropout=0.0)
+def test_rounded_away_counts_the_entries_a_bf16_merge_loses():
+    layer = ilora.LoRALayer(nn.Linear(6, 1, bias=False), r=1, alpha=1.0, dropout=0.0)
     with torch.no_grad():
-        layer.base_layer.weight.fill_(1.0)  # bf16 step at 1.0: 2**-7, half a step 2**-8 = 0.0039
-        layer.lora_A.weight.copy_(torch.tensor([[0.001, 0.003, 0.005, 0.02]]))
+        # bf16 steps: 2**-7 above 1.0, 2**-8 below it, much finer near 0
+        layer.base_layer.weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]))
+        layer.lora_A.weight.copy_(torch.tensor([[0.001, 0.003, 0.005, -0.003, 0.0, 0.001]]))
         layer.lora_B.weight.fill_(1.0)
-    assert merge_check.below_half_step([layer], "fast") == 0.5
-    merged = layer.merged_layer("fast").weight.to(torch.bfloat16).float()
-    assert (merged[:, :2] == 1.0).all() and (merged[:, 2:] > 1.0).all()  # what the count says is lost, is
+    assert merge_check.rounded_away([layer], "fast") == 2 / 5  # 0.001 and 0.003 above 1.0; the zero not counted
+    merged = layer.merged_layer("fast").weight.to(torch.bfloat16).float()[0]
+    assert merged[:2].tolist() == [1.0, 1.0] and merged[2] > 1.0 and merged[3] < 1.0 and merged[5] > 0
 
 def test_the_unmerged_path_scores_through_the_wrappers_and_restores_the_merge(tmp_path, model_dir):
     from transformers import AutoModelForCausalLM
