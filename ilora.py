@@ -213,11 +213,6 @@ class ReplayBuffer:
         picks = torch.randperm(len(self.items), generator=self.gen)[:n].tolist()
         return [self.items[i] for i in picks]
 
-    def by_task(self):
-        """{task: its examples in the buffer}, in proportion to the examples each task added (a uniform sample)."""
-        counts = Counter(self.tasks)
-        return {task: counts[task] for task in sorted(counts, key=lambda task: (task is None, task or 0))}
-
     def state_dict(self):
         return {"capacity": self.capacity, "seen": self.seen, "gen": self.gen.get_state(), "items": self.items,
                 "tasks": self.tasks}
@@ -225,7 +220,7 @@ class ReplayBuffer:
     def load_state_dict(self, state):
         self.seen = state["seen"]
         self.items = [tuple(item) for item in state["items"]]
-        self.tasks = list(state.get("tasks", [None] * len(self.items)))  # None: a checkpoint from before tasks
+        self.tasks = list(state.get("tasks", [0] * len(self.items)))  # 0: a checkpoint from before tasks were kept
         self.gen.set_state(state["gen"])
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,8 +364,7 @@ def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
 
 def set_seed(seed, task=0, rank=0):
     """Seed task `task`'s data order and dropout (0: before the first; LoRA init): every task starts from its own
-    seed, so a run resumed at a task boundary draws what an uninterrupted run draws, with no random state saved.
-    Under torchrun, process `rank` then reseeds for dropout masks of its own."""
+    seed, so a run resumed at a task boundary draws what an uninterrupted run draws, with no random state saved."""
     torch.manual_seed(seed + task * 2 ** 32 + rank)  # also seeds every CUDA device
 
 def train_task(model, layers, examples, t, buffer, cfg, state):
@@ -460,8 +454,7 @@ def cl_metrics(R):
         FWT = (1/(T-1)) sum_{i>=2} (R[i-1][i] - R[0][i])              gain on task i before training on it
         F   = (1/(T-1)) sum_{i<T} (max_{1<=l<T} R[l][i] - R[T][i])    drop from the best score reached
         AP_t = (1/t) sum_{i<=t} R[t][i]                               average over the tasks seen, after task t
-    BWT, FWT and F need every row and T > 1, OP the last row, AP_t row t; what cannot be computed is None
-    (AP holds one entry a task, None where its row was not scored)."""
+    BWT, FWT and F need every row and T > 1, OP the last row, AP_t row t; what cannot be computed is None."""
     T = len(R[0])
     def at(t, i):  # i: the 1-based task index
         return R[t][i - 1]
@@ -509,10 +502,8 @@ class Config:
     dropout: float = opt(0.05, "dropout on the fast learner's LoRA input, [0, 1)")
     targets: str = opt("", "comma list of module names to adapt; empty = the default for the model type")
     # I-LoRA
-    lam: float = opt(0.99, "lambda: slow learner's interpolation weight, [0, 1); closer to 1 = slower (the paper "
-                           "prints no value; the default is ours)")
-    gamma: float = opt(1.0, "gamma: weight of the hidden-state consistency loss, >= 0; the MSE of raw hidden states "
-                            "grows with the model's, so a gamma does not carry over between models")
+    lam: float = opt(0.99, "lambda: slow learner's interpolation weight, [0, 1), closer to 1 = slower; paper: none")
+    gamma: float = opt(1.0, "gamma: weight of the hidden-state consistency loss, >= 0; its scale depends on the model")
     buffer_size: int = opt(500, "replay buffer capacity in examples (reservoir sampling), >= 1 for replay and ilora")
     # optimisation
     epochs: int = opt(3, "epochs per task")
@@ -521,8 +512,7 @@ class Config:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup: int = opt(10, "linear warm-up steps of the learning rate, per task")
     grad_clip: float = opt(1.0, "gradient-norm clip, 0 = off")
-    max_len: int = opt(512, "max tokens per training row; the prompt is cut from the left, the answer kept unless "
-                            "it needs max_len - 1 tokens or more with its eos (then its end and eos are cut)")
+    max_len: int = opt(512, "max tokens per training row; the prompt is cut from the left (see encode)")
     max_train: int = opt(0, "cap on training examples per task, 0 = all")
     max_eval: int = opt(0, "cap on eval examples per task (with --eval-split eval), 0 = all")
     max_test: int = opt(0, "cap on test examples per task, 0 = all")
@@ -1070,8 +1060,7 @@ def sum_gradients(tensors):
 # The run: check every input, load, then train and score task after task; and the command line.
 
 def machine(device):
-    """The device type, dtype and number of processes (each draws dropout of its own): --resume checks them. The
-    GPU's model and the library versions also move bf16 numbers; they are not checked."""
+    """What --resume holds fixed: device type, dtype and processes (each draws its own dropout); not the GPU model."""
     return {"device": device.type, "dtype": str(model_dtype(device)).removeprefix("torch."), "processes": WORLD}
 
 def check_inputs(cfg, device):
@@ -1107,9 +1096,8 @@ def encode_tasks(tok, tasks, cfg):
     train = {}
     gen_lens = {}
     for name, splits in tasks.items():
-        records = splits["train"]
-        train[name] = [encode(tok, record["prompt"], record["answer"], cfg.max_len) for record in records]
-        longest = max(len(tok(record["answer"], add_special_tokens=False)["input_ids"]) for record in records)
+        train[name] = [encode(tok, record["prompt"], record["answer"], cfg.max_len) for record in splits["train"]]
+        longest = max(len(tok(record["answer"], add_special_tokens=False)["input_ids"]) for record in splits["train"])
         gen_lens[name] = min(cfg.max_new_tokens, longest + 8)
     return train, gen_lens
 
@@ -1138,9 +1126,7 @@ def run(cfg):
     model, tok = load_model(cfg.model, device)
     layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
     fingerprints = saved["fingerprint"] if cfg.resume else from_rank_zero(lambda: fingerprint(cfg, tasks))
-    adapted = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                      if isinstance(module, LoRALayer)})
-    write_json(out / "config.json", {**dataclasses.asdict(cfg), "machine": machine(device), "lora_targets": adapted,
+    write_json(out / "config.json", {**dataclasses.asdict(cfg), "machine": machine(device),
                                      "kv_cache": "static" if static_cache(model) else "dynamic",
                                      "fingerprint": fingerprints})
     if WORLD > 1:  # rank 0's initial learners on every process, whatever draws loading the model made on each
@@ -1182,7 +1168,8 @@ def run(cfg):
         train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state)
         state["train_s"] += time.time() - start
         if cfg.method != "seq":
-            print(f"buffer: {len(buffer.items)} of the {buffer.seen} examples seen; by task: {buffer.by_task()}")
+            by_task = dict(sorted(Counter(buffer.tasks).items()))  # in proportion to each task's examples
+            print(f"buffer: {len(buffer.items)} of the {buffer.seen} examples seen; by task: {by_task}")
         if cfg.eval_every_task or t == len(names):
             score_row(t)
         state["done"] = t
