@@ -294,9 +294,22 @@ def collect(packs, runs, folder, name):
                 added.append(run)
     return added
 
+def progress(folder, runs):
+    """How far the unfinished runs are: {tasks done: runs}, from each one's checkpoint (-1: none yet)."""
+    import torch
+    counts = {}
+    for run in runs:
+        if (folder / run / "results.json").is_file():
+            continue
+        checkpoint = folder / run / "checkpoint.pt"
+        done = torch.load(checkpoint, weights_only=True)["state"]["done"] if checkpoint.is_file() else -1
+        counts[done] = counts.get(done, 0) + 1
+    return dict(sorted(counts.items(), reverse=True))
+
 def table(folder, runs, phase):
     done = {name: res for name, res in load(folder.parent, folder.name).items() if name in runs}
-    lines = [f"{len(done)} of {len(runs)} runs of {phase} finished", "",
+    left = ", ".join(f"{n} after task {t}" if t >= 0 else f"{n} not started" for t, n in progress(folder, runs).items())
+    lines = [f"{len(done)} of {len(runs)} runs of {phase} finished" + (f"; unfinished: {left}" if left else ""), "",
              "| run | learner | OP | BWT | FWT | F | R after task 1 | train s | eval s |", "|---" * 9 + "|"]
     for name, res in done.items():
         for learner in res["learners"]:

@@ -216,3 +216,12 @@ def test_collect_takes_the_finished_runs_of_the_phase_from_packs_and_keeps_runs_
     assert (committed / "a" / "results.json").read_text() == '{"R": "a"}'
     assert (committed / "old" / "results.json").read_text() == "kept"
     assert not (committed / "b").exists() and not (committed / "other").exists()
+
+def test_progress_counts_the_unfinished_runs_by_the_task_their_checkpoint_ends(tmp_path):
+    import torch
+    for run, done in (("a", 5), ("b", 5), ("c", 0)):
+        (tmp_path / run).mkdir()
+        torch.save({"state": {"done": done}}, tmp_path / run / "checkpoint.pt")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "results.json").write_text("{}")  # finished: not counted
+    assert study.progress(tmp_path, ["a", "b", "c", "d", "e"]) == {5: 2, 0: 1, -1: 1}
