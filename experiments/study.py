@@ -308,7 +308,8 @@ def progress(folder, runs):
 
 def table(folder, runs, phase):
     done = {name: res for name, res in load(folder.parent, folder.name).items() if name in runs}
-    left = ", ".join(f"{n} after task {t}" if t >= 0 else f"{n} not started" for t, n in progress(folder, runs).items())
+    counts = progress(folder, runs)
+    left = ", ".join(f"{n} after task {t}" if t >= 0 else f"{n} not started" for t, n in counts.items())
     lines = [f"{len(done)} of {len(runs)} runs of {phase} finished" + (f"; unfinished: {left}" if left else ""), "",
              "| run | learner | OP | BWT | FWT | F | R after task 1 | train s | eval s |", "|---" * 9 + "|"]
     for name, res in done.items():
