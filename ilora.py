@@ -214,8 +214,7 @@ class ReplayBuffer:
         return [self.items[i] for i in picks]
 
     def state_dict(self):
-        return {"capacity": self.capacity, "seen": self.seen, "gen": self.gen.get_state(), "items": self.items,
-                "tasks": self.tasks}
+        return {"seen": self.seen, "gen": self.gen.get_state(), "items": self.items, "tasks": self.tasks}
 
     def load_state_dict(self, state):
         self.seen = state["seen"]
@@ -954,14 +953,13 @@ def model_dtype(device):
 
 def load_model(name, device):
     """The model in bf16 on a GPU, fp32 on a CPU, and its tokenizer with a pad token."""
-    dtype = model_dtype(device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging
     logging.set_verbosity_error()  # its notes on weights and its progress bars would bury the run's own log
     logging.disable_progress_bar()
     src, gguf = model_source(name)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=model_dtype(device)).to(device)
     if gguf and name == DEFAULT_MODEL and RANK == 0:
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         save_converted(model, tok)
@@ -1204,11 +1202,8 @@ def parse_args(argv=None):
         flags = ["--" + f.name.replace("_", "-")]
         if f.name == "r":  # torchrun on Python 3.11 reads --r as an ambiguous abbreviation of its own options
             flags.append("--rank")
-        if f.type is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f.metadata["help"])
-        else:
-            parser.add_argument(*flags, type=f.type, default=f.default, help=f.metadata["help"])
+        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
+        parser.add_argument(*flags, **kind, default=f.default, help=f.metadata["help"])
     def one_line(message):  # argparse would print its whole usage first
         raise UsageError(message)
     parser.error = one_line
