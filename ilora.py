@@ -1213,7 +1213,7 @@ def main(argv=None):
     try:
         return run(parse_args(argv))
     except (UsageError, FloatingPointError) as e:  # bad input (2), or a diverged run (1)
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: under torchrun two ranks' lines do not interleave
         sys.exit(2 if isinstance(e, UsageError) else 1)
     finally:
         end_distributed()

@@ -198,7 +198,8 @@ def plot_ap(plt, runs, path):
         for learner in res["learners"]:
             ap = res["metrics"][learner]["AP"]  # None after a task whose row was not scored
             scored = [t for t, v in enumerate(ap, 1) if v is not None]
-            ax.plot(scored, [100 * ap[t - 1] for t in scored], marker="o", label=f"{res['method']} ({learner}) - {run_dir.name}")
+            label = f"{res['method']} ({learner}) - {run_dir.name}"
+            ax.plot(scored, [100 * ap[t - 1] for t in scored], marker="o", label=label)
     names = runs[0][1]["tasks"]
     same = all(res["tasks"] == names for _, res in runs)
     ax.set_xticks(range(1, len(names) + 1), [f"{t}\n{n}" if same else str(t) for t, n in enumerate(names, 1)],
