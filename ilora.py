@@ -330,7 +330,7 @@ def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
     n_replay = sum(len(ids) for ids, _ in replay)
     current, replay = process_share(current, replay)  # one process: all rows
     n = len(current)
-    use_slow = cfg.method == "ilora" and len(replay) > 0
+    use_slow = cfg.method == "ilora" and cfg.gamma > 0 and len(replay) > 0  # gamma 0: no target to compute
     # 1. one batch: the current rows, then the replay rows; right-padded, so causal attention needs no mask
     ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)
     with autocast(model.device):

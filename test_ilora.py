@@ -315,17 +315,20 @@ def test_main_end_to_end_writes_R_and_metrics(method, model_dir, tmp_path):
     assert sorted(adapters(tmp_path / "out")) == sorted(f"task_{t}/{k}" for t in (1, 2) for k in
                                                         (["fast", "slow"] if method == "ilora" else ["fast"]))
 
-def test_task_1_is_the_same_for_seq_replay_and_ilora_s_fast_learner(model_dir, tmp_path):
-    # nothing is replayed during task 1, so the three methods must draw the same batches and dropout there
+def test_fast_learners_agree_where_nothing_sets_them_apart(model_dir, tmp_path):
+    # task 1 replays nothing, so the three methods must draw the same batches and dropout there; with gamma 0 the
+    # slow learner only follows, so ilora's fast learner must also train as replay's does after task 1
     runs = {}
     for method in ("seq", "replay", "ilora"):
         res = ilora.main(base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--method", method,
-                                   "--eval-learner", "fast", "--dropout", "0.1", out=method))
-        runs[method] = (res["R"]["fast"][1], adapters(tmp_path / method)["task_1/fast"])
-    assert max(runs["seq"][0]) > 0
+                                   "--gamma", "0", "--eval-learner", "fast", "--dropout", "0.1", out=method))
+        runs[method] = (res["R"]["fast"], adapters(tmp_path / method))
+    assert max(runs["seq"][0][1]) > 0 and max(runs["replay"][0][2]) > 0
     for method in ("replay", "ilora"):
-        assert runs[method][0] == runs["seq"][0]
-        assert_same_tensors({"a": runs[method][1]}, {"a": runs["seq"][1]})
+        assert runs[method][0][1] == runs["seq"][0][1]
+        assert_same_tensors({"a": runs[method][1]["task_1/fast"]}, {"a": runs["seq"][1]["task_1/fast"]})
+    assert runs["ilora"][0] == runs["replay"][0]
+    assert_same_tensors({"a": runs["ilora"][1]["task_2/fast"]}, {"a": runs["replay"][1]["task_2/fast"]})
 
 def record_fast_learners(monkeypatch, snapshots):
     """Record the fast factors before the first step and after every step of train_step."""
