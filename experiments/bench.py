@@ -137,7 +137,7 @@ def peft_comparator(model, cfg, current, replay, head):
     def step(k):
         ids_c, mask_c, lab_c, pos_c = ilora.collate(current, pad, device)
         ids_r, mask_r, lab_r, pos_r = ilora.collate(replay, pad, device)
-        with ilora.autocast(device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pm.set_adapter("slow")
             with torch.no_grad():
                 run = pm if head == "hf" else blocks  # the authors' code runs the whole LM, logits included
