@@ -15,9 +15,9 @@ The method is everything above the banner "Machinery": for another training loop
 train_step (in one process, without train_step's process_share and sum_gradients lines). Below the banner: options,
 task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun, the command line.
 
-    python ilora.py                                      # 8 built-in tasks on SmolLM2-135M-Instruct, CPU ok
+    python ilora.py                                      # 8 built-in tasks on SmolLM2-135M-Instruct -> runs/ilora
     python ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC,ScienceQA --method replay
-    torchrun --nproc_per_node 2 ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC
+    torchrun --nproc_per_node 2 ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC --out runs/ddp
 """
 import contextlib, copy, dataclasses, difflib, hashlib, importlib.util, itertools, json, math, os, pathlib
 import random, re, shutil, socket, sys, time
@@ -79,9 +79,7 @@ class LoRALayer(nn.Module):
         """(alpha / r) B A of `learner`, laid out like base_layer.weight."""
         A, B = self.factors(learner)
         delta = self.scaling * (B @ A)  # (out, in)
-        if self.fan_in_fan_out:
-            return delta.T
-        return delta
+        return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
     def merged_layer(self, learner):
@@ -207,7 +205,7 @@ class ReplayBuffer:
     def load_state_dict(self, state):
         self.seen = state["seen"]
         self.items = [tuple(item) for item in state["items"]]
-        self.tasks = list(state.get("tasks", [0] * len(self.items)))  # 0: a checkpoint from before tasks were kept
+        self.tasks = list(state["tasks"])
         self.gen.set_state(state["gen"])
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,7 +300,7 @@ def slow_block_outputs(backbone, layers, ids):
 
 # ----------------------------------------------------------------------------------------------------------------
 # One training step: sample buffer (train_task) -> slow forward -> fast forward -> CE + gamma * consistency ->
-# step -> interpolate the slow learner.
+# step -> interpolate the slow learner -> add the current rows to the buffer (train_task, first epoch).
 
 def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
     """One optimizer step of the fast learner on current + replay rows, then the slow learner's interpolation.
@@ -474,7 +472,7 @@ class Config:
     tasks: str = opt("builtin", "comma list of built-in tasks, task folders, or folders under --data-dir")
     data_dir: str = opt("", "folder holding one sub-folder per task with train/eval/test .json")
     method: str = opt("ilora", "seq | replay | ilora")
-    out: str = opt("runs/ilora", "output folder (config, results, adapters, predictions, checkpoint)")
+    out: str = opt("", "output folder (config, results, adapters, predictions, checkpoint); empty: runs/<method>")
     overwrite: bool = opt(False, "replace the run in --out: its files are deleted once the new run's inputs check")
     resume: bool = opt(False, "continue the run in --out from its last finished task")
     # LoRA
@@ -493,7 +491,7 @@ class Config:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup: int = opt(10, "linear warm-up steps of the learning rate, per task")
     grad_clip: float = opt(1.0, "gradient-norm clip, 0 = off")
-    max_len: int = opt(512, "max tokens per training row; the prompt is cut from the left (see encode)")
+    max_len: int = opt(512, "max tokens per row; prompts are cut from the left, in training and in scoring")
     max_train: int = opt(0, "cap on training examples per task, 0 = all")
     max_eval: int = opt(0, "cap on eval examples per task (with --eval-split eval), 0 = all")
     max_test: int = opt(0, "cap on test examples per task, 0 = all")
@@ -507,6 +505,9 @@ class Config:
     device: str = opt("auto", "auto | cpu | cuda")
     deterministic: bool = opt(True, "deterministic GPU kernels: the same command gives the same R")
     log_every: int = opt(10, "steps between log lines")
+
+    def __post_init__(self):
+        self.out = self.out or f"runs/{self.method}"  # the methods' runs side by side, as the README runs them
 
 # Settings that may change on --resume: none of them can change a number of the result.
 RESUMABLE = {"out", "overwrite", "resume", "log_every"}
@@ -526,8 +527,8 @@ def require(cfg, name, ok, allowed):
 
 def check_config(cfg):
     """Every option in its range, before anything is read or loaded; the first one out of range is a UsageError."""
-    if cfg.method != "seq":  # checked first: its message says more than AT_LEAST's
-        require(cfg, "buffer_size", cfg.buffer_size >= 1, ">= 1 for replay and ilora (with none they are seq)")
+    # checked first: its message says more than AT_LEAST's
+    require(cfg, "buffer_size", cfg.method == "seq" or cfg.buffer_size >= 1, ">= 1 for replay and ilora")
     for name, least in AT_LEAST.items():
         require(cfg, name, getattr(cfg, name) >= least, f">= {least}")
     for name, allowed in CHOICES.items():
@@ -543,8 +544,7 @@ def check_config(cfg):
     require(cfg, "tasks", any(name.strip() for name in cfg.tasks.split(",")), "a comma list of tasks")
     require(cfg, "max_new_tokens", 1 <= cfg.max_new_tokens < cfg.max_len, "in [1, --max-len): the prompt needs room")
     require(cfg, "seed", 0 <= cfg.seed < 2 ** 32, "in [0, 2**32)")
-    if cfg.device == "cuda":
-        require(cfg, "device", torch.cuda.is_available(), "auto or cpu: no CUDA device is visible")
+    require(cfg, "device", cfg.device != "cuda" or torch.cuda.is_available(), "auto or cpu: no CUDA device is visible")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Task files: lists of {"prompt", "answer"} records in train / eval / test splits.
@@ -603,7 +603,7 @@ def load_tasks(cfg):
         folder = pathlib.Path(name)
         if not folder.is_dir() and cfg.data_dir:
             folder = pathlib.Path(cfg.data_dir) / name
-        if name in BUILTIN:
+        if not folder.is_dir() and name in BUILTIN:  # a folder of the same name comes first
             splits = builtin_task(name)
         elif not folder.is_dir():
             where = f", or a folder under --data-dir {cfg.data_dir}" if cfg.data_dir else ""
@@ -631,8 +631,7 @@ def lcs_words(x, y):
             table[i][j] = table[i - 1][j - 1] + 1
         else:
             table[i][j] = max(table[i - 1][j], table[i][j - 1])
-    i = len(x)
-    j = len(y)
+    i, j = len(x), len(y)
     words = set()
     while i and j:
         if x[i - 1] == y[j - 1]:
@@ -719,7 +718,7 @@ METRICS = {
     "rouge_l": lambda p, a, q: rouge_l(p, a),
     "py150": lambda p, a, q: py150_ratio(p, a),
     "sari": lambda p, a, q: sari(q, p, a),
-    "em": lambda p, a, q: float(p.strip() == a.strip()),
+    "em": lambda p, a, q: float(p.strip() != "" and p.strip() == a.strip()),
 }
 TASK_METRICS = {"C-STANCE": "exact", "FOMC": "exact", "NumGLUE-cm": "exact", "NumGLUE-ds": "exact",
                 "ScienceQA": "first_char", "MeetingBank": "rouge_l", "Py150": "py150", "20Minuten": "sari"}
@@ -886,8 +885,7 @@ def check_hub(name):
     try:
         socket.create_connection((host, 443), timeout=5).close()
     except OSError:
-        message = f"--model {name}: not in the local cache, and {host} cannot be reached (no network?)"
-        raise UsageError(message) from None
+        raise UsageError(f"--model {name}: not in the local cache, and {host} is unreachable (no network?)") from None
 
 def check_model(cfg):
     """Read the model's config (not its weights) and inject LoRA into an empty copy of the model on the meta
@@ -905,7 +903,9 @@ def check_model(cfg):
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise UsageError(f"--model {cfg.model}: model type {config.model_type!r} is not a causal language model")
     with torch.device("meta"):
-        inject_lora(AutoModelForCausalLM.from_config(config), lora_targets(cfg), cfg.r, cfg.alpha)
+        model = AutoModelForCausalLM.from_config(config)
+        inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha)
+    transformer_blocks(model.base_model)  # every training step hooks them
 
 def lora_targets(cfg):
     return [target.strip() for target in cfg.targets.split(",") if target.strip()] or None
@@ -935,10 +935,11 @@ def load_model(name, device):
     src, gguf = model_source(name)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=model_dtype(device)).to(device)
-    if gguf and name == DEFAULT_MODEL and RANK == 0:
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
+    if name == DEFAULT_MODEL:  # SmolLM2-Instruct ends a turn with <|im_end|>; transformers 5.17 read <|im_start|>
+        tok.eos_token = "<|im_end|>"
+    if gguf and RANK == 0:  # save_pretrained makes CACHE's parent folders
         save_converted(model, tok)
-    if tok.pad_token_id is None:  # GPT-2 and Llama tokenizers have none; padding is masked anyway
+    if tok.pad_token_id is None:  # GPT-2 and Llama tokenizers have none; no loss or answer reads padding
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
@@ -1046,10 +1047,9 @@ def check_inputs(cfg, device):
         if diff:
             changes = ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
             raise UsageError(f"--resume with settings that change the result: {changes}")
-        began_on = saved.get("machine")  # None: a run begun before config.json recorded it
-        if began_on not in (None, machine(device)):
-            raise UsageError(f"--resume on another kind of machine, which changes the result: began on {began_on}, "
-                             f"now {machine(device)}")
+        if saved.get("machine") != machine(device):
+            raise UsageError(f"--resume on another kind of machine, which changes the result: began on "
+                             f"{saved.get('machine')}, now {machine(device)}")
     elif any((out / name).exists() for name in ("results.json", "checkpoint.pt")) and not cfg.overwrite:
         raise UsageError(f"{out} already holds results; pass --overwrite or --resume, or choose another --out")
     tasks = load_tasks(cfg)

@@ -420,13 +420,6 @@ def test_the_buffer_keeps_the_task_of_each_example_through_replacements_and_a_ch
     copy.load_state_dict(torch.load(path, weights_only=True))
     assert copy.tasks == buf.tasks
 
-def test_a_buffer_from_an_older_checkpoint_loads_with_unknown_tasks():
-    buf = ilora.ReplayBuffer(4, seed=0)
-    older = {"seen": 2, "items": [(torch.tensor([1]), 0), (torch.tensor([2]), 0)], "gen": buf.gen.get_state()}
-    buf.load_state_dict(older)
-    buf.add([(torch.tensor([3]), 0)], task=3)
-    assert buf.tasks == [0, 0, 3]  # 0: unknown
-
 def test_replay_starts_with_the_second_task(tmp_path, model_dir, monkeypatch):
     sizes = []
     real_step = ilora.train_step
@@ -591,6 +584,7 @@ def test_cl_metrics_single_task_and_partial():
 def test_the_lenient_exact_match_strips_and_nothing_else():
     em = ilora.METRICS["em"]
     assert em(" red ", "red", "") == 1 and em("red.", "red", "") == 0 and em("Red", "red", "") == 0
+    assert em("", "", "") == 0 and em(" ", "", "") == 0  # an empty prediction scores 0, as in TRACE's scorers
 
 
 # ---- generation ------------------------------------------------------------------------------------------------
@@ -701,6 +695,33 @@ def test_tasks_load_from_folder_jsonl_and_data_dir(tmp_path):
     assert len(tasks["colours"]["train"]) == 3 and len(tasks["lines"]["test"]) == 8
     assert tasks["lines"]["train"][0] == {"prompt": "what colour is the cat", "answer": "red"}
 
+def test_a_task_folder_comes_before_a_built_in_task_of_the_same_name(tmp_path):
+    write_task(tmp_path / "data" / "botany")
+    tasks = ilora.load_tasks(ilora.Config(tasks="botany,chess", data_dir=str(tmp_path / "data")))
+    assert tasks["botany"]["train"][0] == {"prompt": "what colour is the cat", "answer": "red"}
+    assert tasks["chess"]["train"][0]["prompt"].startswith("In chess, ")
+
+def test_each_method_writes_to_its_own_folder_by_default():
+    assert ilora.parse_args([]).out == "runs/ilora"
+    assert ilora.parse_args(["--method", "seq"]).out == "runs/seq"
+    assert ilora.parse_args(["--method", "replay", "--out", "elsewhere"]).out == "elsewhere"
+
+def test_a_model_whose_blocks_cannot_be_found_is_refused_before_loading_and_out_is_kept(tmp_path, model_dir,
+                                                                                         monkeypatch, capsys):
+    args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
+    ilora.main(args)
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    def no_blocks(backbone):
+        raise ilora.UsageError(f"cannot find the transformer blocks of {type(backbone).__name__}")
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(ilora, "transformer_blocks", no_blocks)
+    monkeypatch.setattr(ilora, "load_model", no_load)
+    with pytest.raises(SystemExit) as e:
+        ilora.main(args + ["--overwrite"])
+    assert e.value.code == 2 and "cannot find the transformer blocks" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before and "results.json" in before
+
 def task_with(folder, train_text, name="train.json"):
     write_task(folder)
     (folder / "train.json").unlink()
@@ -779,7 +800,7 @@ def test_a_hub_id_that_is_not_cached_fails_at_once_without_a_network(tmp_path, m
         ilora.main(base_args(model_dir, tmp_path, "--tasks", "astronomy", "--model", "no-such-org/no-such-model"))
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "not in the local cache" in err, err
-    assert "cannot be reached (no network?)" in err or "HF_HUB_OFFLINE" in err
+    assert "is unreachable (no network?)" in err or "HF_HUB_OFFLINE" in err
     assert time.time() - start < 10
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
@@ -890,6 +911,18 @@ def test_default_model_runs_two_builtin_tasks(tmp_path):
     assert saved["base_model_name_or_path"] == str(ilora.CACHE)  # peft finds the converted model offline
 
 @needs_smollm2
+def test_the_default_model_ends_its_answers_with_im_end_whatever_transformers_reads_from_the_gguf(monkeypatch):
+    import transformers
+    real = transformers.AutoTokenizer.from_pretrained
+    def as_transformers_5_17_reads_it(*args, **kwargs):
+        tok = real(*args, **kwargs)
+        tok.eos_token = "<|im_start|>"
+        return tok
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", as_transformers_5_17_reads_it)
+    _, tok = ilora.load_model(ilora.DEFAULT_MODEL, torch.device("cpu"))
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id) == ("<|im_end|>", 2, 2)
+
+@needs_smollm2
 def test_chinese_and_german_round_trip_through_the_tokenizer():
     from transformers import AutoTokenizer
     src, gguf = ilora.model_source(ilora.DEFAULT_MODEL)
@@ -916,25 +949,6 @@ def test_resume_refuses_settings_that_change_the_result(tmp_path, model_dir, cap
         with pytest.raises(SystemExit) as e:
             ilora.main(args + ["--resume", *change])
         assert e.value.code == 2 and message in capsys.readouterr().err
-
-def test_a_run_begun_before_the_machine_and_the_buffer_s_tasks_were_saved_resumes_to_the_same_results(
-        tmp_path, model_dir, monkeypatch):
-    args = base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--method", "ilora", "--buffer-size", "6")
-    ilora.main(args + ["--out", str(tmp_path / "full")])
-    real = crash_at_task(monkeypatch, 2)
-    with pytest.raises(RuntimeError, match="power cut"):
-        ilora.main(args)
-    monkeypatch.setattr(ilora, "train_task", real)
-    config, checkpoint = tmp_path / "out" / "config.json", tmp_path / "out" / "checkpoint.pt"
-    added_later = ("machine", "kv_cache")
-    older = {k: v for k, v in json.loads(config.read_text()).items() if k not in added_later}
-    config.write_text(json.dumps(older))
-    saved = torch.load(checkpoint, weights_only=True)
-    del saved["buffer"]["tasks"]
-    torch.save(saved, checkpoint)
-    ilora.main(args + ["--resume"])
-    assert without_timing(tmp_path / "out" / "results.json") == without_timing(tmp_path / "full" / "results.json")
-    assert_same_tensors(adapters(tmp_path / "out"), adapters(tmp_path / "full"))
 
 def test_resume_refuses_another_kind_of_machine(tmp_path, model_dir, capsys):
     args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
