@@ -136,11 +136,14 @@ def inject_lora(model, targets=None, r=8, alpha=16.0, dropout=0.0):
                          f"{', '.join(linear_names(model))}")
     return [module for module in model.modules() if isinstance(module, LoRALayer)]
 
+# ----------------------------------------------------------------------------------------------------------------
+# The two learners: the fast factors, which the optimizer trains, and the slow ones, which follow by interpolation.
+
 def fast_tensors(layers):
-    return [p for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    return [weight for layer in layers for weight in (layer.lora_A.weight, layer.lora_B.weight)]
 
 def slow_tensors(layers):
-    return [b for layer in layers for b in (layer.slow_A, layer.slow_B)]
+    return [factor for layer in layers for factor in (layer.slow_A, layer.slow_B)]
 
 @contextlib.contextmanager
 def use_learner(layers, learner):
@@ -152,9 +155,6 @@ def use_learner(layers, learner):
     finally:
         for layer in layers:
             layer.learner = "fast"
-
-# ----------------------------------------------------------------------------------------------------------------
-# Slow learner: an interpolation of the fast one, over the LoRA tensors only.
 
 def slow_lam(step, lam):
     """lam_k = min(1 - 1/(k+1), lam), CLS-ER's warm-up: until lam_k reaches lam, the slow learner after step k is
@@ -313,12 +313,12 @@ def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
     n = len(current)
     use_slow = cfg.method == "ilora" and cfg.gamma > 0 and len(replay) > 0  # gamma 0: no target to compute
     # 1. one batch: the current rows, then the replay rows; right-padded, so causal attention needs no mask
-    ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)
+    ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)  # (B, L) x 3, (N,)
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
         # 2. the slow learner's block outputs on the replay rows: the target, so no graph
-        h_slow = slow_block_outputs(backbone, layers, ids[n:]) if use_slow else None
+        h_slow = slow_block_outputs(backbone, layers, ids[n:]) if use_slow else None  # one (B - n, L, H) a block
         # 3. the fast learner on current + replay in one forward, keeping its block outputs
-        with block_outputs(backbone) as h_fast:
+        with block_outputs(backbone) as h_fast:  # one (B, L, H) a block
             out = backbone(input_ids=ids, use_cache=False)
         # 4. L = CE(fast; current + replay) + gamma * MSE(h_fast(replay), stopgrad h_slow(replay))
         ce = lm_loss(model, out.last_hidden_state, labels, pos, n_answer)
@@ -394,7 +394,7 @@ def generate(model, tok, prompts, max_new_tokens, max_len, static_rows=0):
     """Greedy answers to a batch of prompts, left-padded, each cut from the left to max_len - max_new_tokens tokens.
     static_rows (GPU): pad to that many rows of full width for the static KV cache: one shape, compiled once."""
     width = max_len - max_new_tokens
-    encoded = [tok(p, add_special_tokens=True)["input_ids"][-width:] for p in prompts]
+    encoded = [tok(prompt, add_special_tokens=True)["input_ids"][-width:] for prompt in prompts]
     length = max(len(e) for e in encoded)
     if static_rows:
         encoded += encoded[-1:] * (static_rows - len(encoded))  # the last prompt again, to fill the batch
@@ -783,7 +783,7 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 def write_json(path, obj):
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", "utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", "utf-8"))
 
 def save_peft_adapter(model, layers, folder, learner, cfg, base=None):
     """One learner as a PEFT adapter: keys base_model.model.<module>.lora_A.weight (r, in) and lora_B (out, r)
@@ -798,19 +798,19 @@ def save_peft_adapter(model, layers, folder, learner, cfg, base=None):
         "lora_dropout": cfg.dropout, "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in wrapped}),
         "bias": "none", "fan_in_fan_out": layers[0].fan_in_fan_out, "base_model_name_or_path": base or cfg.model,
         "inference_mode": True})
-    atomic_write(folder / "adapter_model.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
 
 def save_checkpoint(out, layers, buffer, state, R):
     """What a resumed run needs after a finished task: both learners, the buffer, the counters and R."""
     checkpoint = {"fast": [tensor.detach().cpu() for tensor in fast_tensors(layers)],
                   "slow": [tensor.cpu() for tensor in slow_tensors(layers)],
                   "buffer": buffer.state_dict(), "state": state, "R": R}
-    atomic_write(pathlib.Path(out) / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
+    atomic_write(pathlib.Path(out) / "checkpoint.pt", lambda tmp: torch.save(checkpoint, tmp))
 
 def read_run(out):
     """config.json and checkpoint.pt of the run in `out`, to resume it; a missing or damaged one is a UsageError."""
-    files = {"config.json": lambda p: json.loads(p.read_text()),
-             "checkpoint.pt": lambda p: torch.load(p, weights_only=True)}
+    files = {"config.json": lambda path: json.loads(path.read_text()),
+             "checkpoint.pt": lambda path: torch.load(path, weights_only=True)}
     for name, read in files.items():
         path = pathlib.Path(out) / name
         try:
@@ -951,11 +951,11 @@ def fingerprint(cfg, tasks):
     if not gguf and not pathlib.Path(src).is_dir():
         from huggingface_hub import snapshot_download
         src = snapshot_download(src, local_files_only=True)
-    files = [pathlib.Path(src) / gguf] if gguf else sorted(p for p in pathlib.Path(src).iterdir() if p.is_file())
+    files = [pathlib.Path(src) / gguf] if gguf else sorted(filter(pathlib.Path.is_file, pathlib.Path(src).iterdir()))
     digests = []
     for path in files:
-        with open(path, "rb") as f:
-            digests.append(hashlib.file_digest(f, "sha256").hexdigest())
+        with open(path, "rb") as file:
+            digests.append(hashlib.file_digest(file, "sha256").hexdigest())
     return {**data_fingerprint(tasks), "model": hashlib.sha256(" ".join(digests).encode()).hexdigest()}
 
 def data_fingerprint(tasks):
@@ -1023,7 +1023,7 @@ def sum_gradients(tensors):
     Gradients that no forward reached (None) are left out, on every process alike."""
     if WORLD == 1:
         return
-    grads = [t.grad for t in tensors if t.grad is not None]
+    grads = [tensor.grad for tensor in tensors if tensor.grad is not None]
     if not grads:
         return
     flat = sum_over_processes(torch.cat([g.flatten() for g in grads]))
@@ -1129,7 +1129,7 @@ def run(cfg):
                                           "index": i, "prediction": p}
                                          for name, ps in preds.items() for i, p in enumerate(ps)]
         table = pa.Table.from_pylist(state["predictions"])  # every answer: a run can be re-scored without a model
-        atomic_write(out / "predictions.parquet", lambda p: pq.write_table(table, p))
+        atomic_write(out / "predictions.parquet", lambda tmp: pq.write_table(table, tmp))
         for learner in learners:  # R so far
             print(format_R(R[learner][: t + 1], names, learner))
         state["eval_s"] += time.time() - start
@@ -1167,8 +1167,8 @@ def write_results(cfg, names, metrics, learners, R, state, device):
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     write_json(pathlib.Path(cfg.out) / "results.json", results)
     for k in learners:
-        m = results["metrics"][k]
-        cells = [f"{key} {100 * m[key]:.2f}" if m[key] is not None else f"{key} -" for key in ("OP", "BWT", "FWT", "F")]
+        scores = {key: results["metrics"][k][key] for key in ("OP", "BWT", "FWT", "F")}
+        cells = [f"{key} {100 * value:.2f}" if value is not None else f"{key} -" for key, value in scores.items()]
         print(f"{cfg.method} ({k}): " + " | ".join(cells))
     return results
 
@@ -1176,12 +1176,12 @@ def parse_args(argv=None):
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flags = ["--" + f.name.replace("_", "-")]
-        if f.name == "r":  # torchrun on Python 3.11 reads --r as an ambiguous abbreviation of its own options
+    for field in dataclasses.fields(Config):
+        flags = ["--" + field.name.replace("_", "-")]
+        if field.name == "r":  # torchrun on Python 3.11 reads --r as an ambiguous abbreviation of its own options
             flags.append("--rank")
-        kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": f.type}
-        parser.add_argument(*flags, **kind, default=f.default, help=f.metadata["help"])
+        kind = {"action": argparse.BooleanOptionalAction} if field.type is bool else {"type": field.type}
+        parser.add_argument(*flags, **kind, default=field.default, help=field.metadata["help"])
     def one_line(message):  # argparse would print its whole usage first
         raise UsageError(message)
     parser.error = one_line
