@@ -935,7 +935,7 @@ def load_model(name, device):
     src, gguf = model_source(name)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=model_dtype(device)).to(device)
-    if name == DEFAULT_MODEL:  # SmolLM2-Instruct ends a turn with <|im_end|>; transformers 5.17 read <|im_start|>
+    if name == DEFAULT_MODEL:  # SmolLM2-Instruct's end of turn; transformers 5.17 reads the GGUF's as <|im_start|>
         tok.eos_token = "<|im_end|>"
     if gguf and RANK == 0:  # save_pretrained makes CACHE's parent folders
         save_converted(model, tok)
