@@ -4,11 +4,12 @@
 #   DATA_DIR=../shared/data/trace_500 bash run_sequence.sh           # TRACE-8, in TRACE's order
 #   DATA_DIR=../shared/data/trace_500 EPOCHS=2 bash run_sequence.sh --max-train 16 --max-test 5 --batch-size 4 \
 #       --warmup 1 --max-len 64 --max-new-tokens 8                  # a quick look: 19 min on 2 CPU cores
-# Overrides: MODEL, EPOCHS, METHODS ("seq replay ilora"), OUT (runs/sequence); extra arguments go to ilora.py.
+# Overrides: MODEL, EPOCHS (unset: ilora.py's default), METHODS ("seq replay ilora"), OUT (runs/sequence);
+# extra arguments go to ilora.py.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODEL=${MODEL:-HuggingFaceTB/SmolLM2-135M-Instruct}
-EPOCHS=${EPOCHS:-3}
+epochs=(); [ -n "${EPOCHS:-}" ] && epochs=(--epochs "$EPOCHS")
 METHODS=${METHODS:-seq replay ilora}
 OUT=${OUT:-runs/sequence}
 if [ -n "${DATA_DIR:-}" ]; then
@@ -17,7 +18,7 @@ else
   data=(--tasks builtin)
 fi
 for method in $METHODS; do
-  python ilora.py --model "$MODEL" "${data[@]}" --epochs "$EPOCHS" --method "$method" --out "$OUT/$method" \
+  python ilora.py --model "$MODEL" "${data[@]}" "${epochs[@]}" --method "$method" --out "$OUT/$method" \
     --overwrite "$@"
 done
 python - "$OUT" $METHODS <<'PY'

@@ -33,6 +33,7 @@ if "--ilora" in sys.argv:  # another ilora.py (an earlier version, say), to time
     _spec.loader.exec_module(ilora)
 else:
     import ilora
+WORLD = getattr(ilora, "WORLD", 1)  # processes under torchrun; an ilora.py older than its torchrun support has none
 
 # Random-weight models from the configs of real architectures (no weights needed).
 ARCHS = {
@@ -268,7 +269,7 @@ def run_method(name, method, args, device, current, replay, ckpt, rate):
     row = {"ms_per_step": round(ms, 2), "ms_all": [round(x, 2) for x in all_ms], "warmup": warmup, "steps": steps,
            "tokens_per_step": tokens, "tokens_per_s": round(tokens / ms * 1000), "peak_gib": peak and round(peak, 3),
            "grad_ckpt": ckpt, "model_tflop_per_step": round(flops / 1e12, 3),
-           "mfu": round(flops / (ms / 1000) / (rate * ilora.WORLD), 4) if rate and not method.startswith("peft") else None,
+           "mfu": round(flops / (ms / 1000) / (rate * WORLD), 4) if rate and not method.startswith("peft") else None,
            "model_params": shape["n_params"], "lora_params": n_lora}
     moved_fast = max((a - b).abs().max().item() for a, b in zip(fast, fast0))
     moved_slow = max((a - b).abs().max().item() for a, b in zip(slow, slow0))
@@ -411,7 +412,7 @@ def main(argv=None):
     args.methods = args.methods.split(",")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    if ilora.WORLD > 1:  # torchrun: this process's GPU; the comparators and the eval pass are one-process code
+    if WORLD > 1:  # torchrun: this process's GPU; the comparators and the eval pass are one-process code
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         ilora.init_distributed(device)
@@ -419,9 +420,9 @@ def main(argv=None):
         args.eval_prompts = 0
     import transformers, peft
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "world_size": ilora.WORLD, "torch": torch.__version__, "transformers": transformers.__version__,
+            "world_size": WORLD, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "args": vars(args), "matmul_n": args.matmul_n}
-    log(f"device: {meta['device']} x {ilora.WORLD} processes | torch {torch.__version__} | transformers "
+    log(f"device: {meta['device']} x {WORLD} processes | torch {torch.__version__} | transformers "
         f"{transformers.__version__} | peft {peft.__version__}")
     rate = matmul_rate(device, args.matmul_n) if device.type == "cuda" else None
     meta["matmul_tflops"] = rate and rate / 1e12
@@ -436,7 +437,8 @@ def main(argv=None):
     failed = [f"{n}/{m}" for n, res in results.items() for m, r in res.items() if "error" in r or "extras_error" in r]
     if failed:
         log(f"failed: {', '.join(failed)}")
-    ilora.end_distributed()
+    if WORLD > 1:
+        ilora.end_distributed()
     return 1 if failed and args.tiny else 0  # the smoke test fails loudly; a GPU run keeps what it measured
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Tests for study.py's rules: the pilot's budget, the screen's selection with its tie rule, the finals' runs and
-the paired intervals, on made-up results."""
+the paired intervals, on made-up results; and ilora.py's defaults against the committed screen."""
 import json, pathlib, sys
 
 import pytest
@@ -225,3 +225,16 @@ def test_progress_counts_the_unfinished_runs_by_the_task_their_checkpoint_ends(t
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "results.json").write_text("{}")  # finished: not counted
     assert study.progress(tmp_path, ["a", "b", "c", "d", "e"]) == {5: 2, 0: 1, -1: 1}
+
+def test_ilora_py_ships_the_setting_the_committed_screen_chose():
+    """Step 6 of the study: ilora.py's defaults are the best I-LoRA setting of the screen's committed runs (lr, lam,
+    gamma by study.select; epochs from those runs' own config.json, the budget they ran at)."""
+    import ilora
+    root = study.HERE / "results" / "study"
+    chosen = study.select(root)["ilora"]
+    configs = [json.loads(path.read_text()) for path in
+               sorted((root / "screen").glob(f"{study.setting_name(chosen)}-s*/config.json"))]
+    assert len(configs) == len(study.SCREEN_SEEDS)
+    defaults = ilora.Config()
+    assert (defaults.lr, defaults.lam, defaults.gamma) == (chosen["lr"], chosen["lam"], chosen["gamma"])
+    assert {config["epochs"] for config in configs} == {defaults.epochs}
