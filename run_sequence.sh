@@ -18,7 +18,7 @@ else
   data=(--tasks builtin)
 fi
 for method in $METHODS; do
-  python ilora.py --model "$MODEL" "${data[@]}" "${epochs[@]}" --method "$method" --out "$OUT/$method" \
+  python ilora.py --model "$MODEL" "${data[@]}" ${epochs[@]+"${epochs[@]}"} --method "$method" --out "$OUT/$method" \
     --overwrite "$@"
 done
 python - "$OUT" $METHODS <<'PY'

@@ -3,7 +3,7 @@
 
     python experiments/readme_numbers.py           # rewrite README.md's blocks from the committed results
     python experiments/readme_numbers.py --check   # exit 1 if a block differs, or the demo ran on other code (CI)
-    python experiments/readme_numbers.py --run     # run the README's default demo again (seq and ilora), rewrite
+    python experiments/readme_numbers.py --run     # run the README's default demo again (each method), rewrite
 
 The demo's runs record the code they ran on (code.sha256: ilora.py's syntax tree without its docstrings), so a
 change of ilora.py's code fails --check until the demo is run again: the README's demo table always comes from
@@ -15,6 +15,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 README = ROOT / "README.md"
 DEMO = HERE / "results" / "default"
+DEMO_METHODS = ("seq", "replay", "ilora")  # `python ilora.py --method METHOD`, ilora last: the default
 TRACE8 = HERE / "results" / "trace8" / "final-exact"
 sys.path.insert(0, str(ROOT))  # ilora.py is one folder up
 import ilora
@@ -37,13 +38,13 @@ def metrics_line(method, learner, m):
     return f"{method} ({learner}): " + " | ".join(cells)
 
 def demo_block():
-    """The default run (`python ilora.py`, and `--method seq`): R of the answering learner, metrics, wall time."""
+    """The default run (`python ilora.py`), and seq's and replay's: R of the answering learner, metrics, wall time."""
     lines = ["```"]
-    for method in ("seq", "ilora"):
+    for method in DEMO_METHODS:
         res = json.loads((DEMO / method / "results.json").read_text())
         learner = res["learners"][0]
         timing = res["timing"]
-        lines += [f"$ python ilora.py{'' if method == 'ilora' else ' --method seq'}    # train "
+        lines += [f"$ python ilora.py{'' if method == 'ilora' else f' --method {method}'}    # train "
                   f"{timing['train_seconds']:.0f} s, scoring {timing['eval_seconds']:.0f} s on {timing['device']}",
                   ilora.format_R(res["R"][learner], res["tasks"], learner),
                   metrics_line(method, learner, res["metrics"][learner]), ""]
@@ -87,7 +88,7 @@ def problems():
     text = README.read_text()
     if rewritten(text) != text:
         found.append("README.md's numbers differ from the committed results: run python experiments/readme_numbers.py")
-    for method in ("seq", "ilora"):
+    for method in DEMO_METHODS:
         recorded = (DEMO / method / "code.sha256").read_text().strip()
         if recorded != code_fingerprint():
             found.append(f"the demo's {method} run is of other code than ilora.py's: run "
@@ -95,7 +96,7 @@ def problems():
     return found
 
 def run_demo():
-    for method in ("seq", "ilora"):
+    for method in DEMO_METHODS:
         out = DEMO / method
         subprocess.run([sys.executable, str(ROOT / "ilora.py"), "--method", method, "--out", str(out), "--overwrite"],
                        check=True)

@@ -228,7 +228,8 @@ def test_progress_counts_the_unfinished_runs_by_the_task_their_checkpoint_ends(t
 
 def test_ilora_py_ships_the_setting_the_committed_screen_chose():
     """Step 6 of the study: ilora.py's defaults are the best I-LoRA setting of the screen's committed runs (lr, lam,
-    gamma by study.select; epochs from those runs' own config.json, the budget they ran at)."""
+    gamma by study.select; epochs from those runs' own config.json, the budget they ran at), and its other training
+    settings are those the runs trained with."""
     import ilora
     root = study.HERE / "results" / "study"
     chosen = study.select(root)["ilora"]
@@ -238,3 +239,7 @@ def test_ilora_py_ships_the_setting_the_committed_screen_chose():
     defaults = ilora.Config()
     assert (defaults.lr, defaults.lam, defaults.gamma) == (chosen["lr"], chosen["lam"], chosen["gamma"])
     assert {config["epochs"] for config in configs} == {defaults.epochs}
+    trained_with = ("r", "alpha", "dropout", "targets", "buffer_size", "batch_size", "warmup", "weight_decay",
+                    "grad_clip")
+    for name in trained_with:
+        assert {config[name] for config in configs} == {getattr(defaults, name)}, name
