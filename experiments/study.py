@@ -387,12 +387,16 @@ def report(root, data_dir):
         skill_cells = ", ".join(f"{statistics.mean(v):+.1f}" if v else "-" for v in skills.values())
         lines.append(f"| {arm} | {learner} | {len(members)} | " + " | ".join(cells) + f" | {skill_cells} |")
         ops[arm, learner] = {(order, seed): 100 * res["metrics"][learner]["OP"] for order, seed, _, res in members}
+    # The ablation steps pair learners of one setting: with gamma 0 ilora's fast learner is replay at ilora's lr,
+    # bit for bit, so "+ the slow learner" is that run's slow learner against its own fast one.
     comparisons = [("I-LoRA (slow) - replay", ("ilora", "slow"), ("replay", "fast")),
                    ("I-LoRA (slow) - seq", ("ilora", "slow"), ("seq", "fast")),
-                   ("+ the slow learner: ilora gamma 0 (slow) - replay", ("ilora-g0", "slow"), ("replay", "fast")),
+                   ("replay at ilora's lr (ilora gamma 0, fast) - replay", ("ilora-g0", "fast"), ("replay", "fast")),
+                   ("+ the slow learner: ilora gamma 0, slow - fast", ("ilora-g0", "slow"), ("ilora-g0", "fast")),
                    ("+ consistency: ilora (slow) - ilora gamma 0 (slow)", ("ilora", "slow"), ("ilora-g0", "slow")),
                    ("slow - fast learner, ilora", ("ilora", "slow"), ("ilora", "fast")),
-                   ("former defaults lam 0.99, gamma 1 (slow) - ilora (slow)", ("ilora-old", "slow"), ("ilora", "slow")),
+                   ("former defaults lam 0.99, gamma 1 (slow) - ilora (slow)", ("ilora-old", "slow"),
+                    ("ilora", "slow")),
                    ("best ilora overall (slow) - replay", ("ilora-best", "slow"), ("replay", "fast"))]
     lines += ["", "| OP difference, paired by seed and order | pairs | mean | 95 % interval |", "|---|---|---|---|"]
     for title, a, b in comparisons:

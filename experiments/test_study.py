@@ -159,6 +159,20 @@ def test_the_report_pairs_arms_by_seed_and_order(tmp_path, monkeypatch):
     line = next(l for l in text.splitlines() if l.startswith("| I-LoRA (slow) - replay"))
     assert line.startswith("| I-LoRA (slow) - replay | 3 | +7.67 |")  # (10 + 6 + 7) / 3 points
 
+def test_the_ablation_pairs_the_slow_learner_of_gamma_0_with_its_own_fast_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "majority_rows", lambda *args: [])
+    for order, seed, slow_op, fast_op in (("trace", 0, 0.40, 0.30), ("reversed", 0, 0.35, 0.33)):
+        folder = tmp_path / "finals" / f"ilora-g0-{order}-s{seed}"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        metrics = {learner: {"OP": op, "BWT": 0.0, "FWT": 0.0, "F": 0.0}
+                   for learner, op in (("slow", slow_op), ("fast", fast_op))}
+        (folder / "results.json").write_text(json.dumps({"tasks": ["a"], "learners": ["slow", "fast"],
+                                                         "method": "ilora", "metrics": metrics}))
+    text = study.report(tmp_path, None)
+    line = next(l for l in text.splitlines() if l.startswith("| + the slow learner"))
+    assert line.startswith("| + the slow learner: ilora gamma 0, slow - fast | 2 | +6.00 |")  # (10 + 2) / 2 points
+
 def test_runs_are_spread_over_the_gpus_each_on_the_one_running_fewest(tmp_path, monkeypatch):
     import trace8
     started = []  # (run, CUDA_VISIBLE_DEVICES)
