@@ -123,11 +123,14 @@ def test_a_best_ilora_without_consistency_that_is_not_the_twin_gets_an_arm_of_it
     assert [best[best.index(f) + 1] for f in ("--lam", "--gamma")] == ["0.8", "0.0"]
 
 def write_run(folder, tasks, R, learners=("fast",), method="seq"):
+    """A finished run's results; R is every learner's, or {learner: its R}."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
-    metrics = {learner: {"OP": sum(R[-1]) / len(R[-1]), "BWT": -0.1, "FWT": 0.0, "F": 0.1} for learner in learners}
+    Rs = R if isinstance(R, dict) else {learner: R for learner in learners}
+    metrics = {learner: {"OP": sum(Rs[learner][-1]) / len(Rs[learner][-1]), "BWT": -0.1, "FWT": 0.0, "F": 0.1}
+               for learner in learners}
     (folder / "results.json").write_text(json.dumps({"tasks": tasks, "learners": list(learners), "method": method,
-                                                     "R": {learner: R for learner in learners}, "metrics": metrics}))
+                                                     "R": Rs, "metrics": metrics}))
 
 def test_the_pilot_summary_reads_method_epochs_and_lr_from_the_names_and_gains_from_R(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "majority_rows", lambda *args: [])  # no choice task among these
@@ -162,13 +165,8 @@ def test_the_report_pairs_arms_by_seed_and_order(tmp_path, monkeypatch):
 def test_the_ablation_pairs_the_slow_learner_of_gamma_0_with_its_own_fast_one(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "majority_rows", lambda *args: [])
     for order, seed, slow_op, fast_op in (("trace", 0, 0.40, 0.30), ("reversed", 0, 0.35, 0.33)):
-        folder = tmp_path / "finals" / f"ilora-g0-{order}-s{seed}"
-        folder.mkdir(parents=True)
-        (folder / "config.json").write_text("{}")
-        metrics = {learner: {"OP": op, "BWT": 0.0, "FWT": 0.0, "F": 0.0}
-                   for learner, op in (("slow", slow_op), ("fast", fast_op))}
-        (folder / "results.json").write_text(json.dumps({"tasks": ["a"], "learners": ["slow", "fast"],
-                                                         "method": "ilora", "metrics": metrics}))
+        write_run(tmp_path / "finals" / f"ilora-g0-{order}-s{seed}", ["a"],
+                  {"slow": [[0], [slow_op]], "fast": [[0], [fast_op]]}, ("slow", "fast"), "ilora")
     text = study.report(tmp_path, None)
     line = next(l for l in text.splitlines() if l.startswith("| + the slow learner"))
     assert line.startswith("| + the slow learner: ilora gamma 0, slow - fast | 2 | +6.00 |")  # (10 + 2) / 2 points
