@@ -7,7 +7,7 @@
 
 The demo's runs record the code they ran on (code.sha256: ilora.py's syntax tree without its docstrings), so a
 change of ilora.py's code fails --check until the demo is run again: the README's demo table always comes from
-the code it ships with. The TRACE-8 table comes from GPU runs and names the code and card they ran on.
+the code it ships with. The TRACE-8 tables come from GPU runs; the README names the code and card they ran on.
 """
 import argparse, ast, hashlib, json, pathlib, re, statistics, subprocess, sys
 
@@ -17,8 +17,11 @@ README = ROOT / "README.md"
 DEMO = HERE / "results" / "default"
 DEMO_METHODS = ("seq", "replay", "ilora")  # `python ilora.py --method METHOD`, ilora last: the default
 TRACE8 = HERE / "results" / "trace8" / "final-exact"
+STUDY = HERE / "results" / "study"
+FINALS_RUNS = 40  # study.py finals: 5 arms, seeds 0 to 3, TRACE's order and the reversed one
 sys.path.insert(0, str(ROOT))  # ilora.py is one folder up
 import ilora
+import study
 
 def is_docstring(statement):
     is_constant = isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
@@ -74,7 +77,12 @@ def trace8_block():
                   f"95 % interval ± {half:.2f} ({len(diffs)} pairs)."]
     return "\n".join(lines)
 
-BLOCKS = {"demo": demo_block, "trace8": trace8_block}
+def finals_block():
+    """The study's finals so far (study.py report, without the skill column, which needs the tasks' answers)."""
+    runs = len(list((STUDY / "finals").glob("*/results.json")))
+    return f"{study.report(STUDY)}\n\nFinished runs: {runs} of {FINALS_RUNS}."
+
+BLOCKS = {"demo": demo_block, "trace8": trace8_block, "finals": finals_block}
 
 def rewritten(text):
     """README text with every numbers block written anew."""

@@ -359,14 +359,16 @@ def paired(a, b):
     half = T_975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return statistics.mean(diffs), half, len(diffs)
 
-def report(root, data_dir):
+def report(root, data_dir=None):
     """The finals: each arm and learner's metrics (mean ± sd over seeds and orders), skill above the majority
-    answer at the end, and the seed-paired differences that answer the study's question."""
+    answer at the end, and the seed-paired differences that answer the study's question. Without data_dir (the
+    tasks' gold answers) the skill column is left out: README.md's table, written where the data is not."""
     folder = pathlib.Path(root) / "finals"
     runs = load(folder.parent, folder.name)
     ops = {}  # (arm, learner) -> {(order, seed): OP}
-    lines = ["| arm | learner | runs | OP | BWT | FWT | F | skill above the majority (C-STANCE, FOMC, ScienceQA) |",
-             "|---|---|---|---|---|---|---|---|"]
+    skill_header = " skill above the majority (C-STANCE, FOMC, ScienceQA) |" if data_dir else ""
+    lines = ["| arm | learner | runs | OP | BWT | FWT | F |" + skill_header,
+             "|---|---|---|---|---|---|---|" + ("---|" if data_dir else "")]
     groups = {}
     majority = {}  # run -> its majority_rows, read once for both of its learners
     for name, res in runs.items():
@@ -374,18 +376,20 @@ def report(root, data_dir):
         if match is None:  # not a finals run
             continue
         arm, order, seed = match.groups()
-        majority[name] = majority_rows(folder / name, CHOICE_TASKS, data_dir)
+        majority[name] = majority_rows(folder / name, CHOICE_TASKS, data_dir) if data_dir else []
         for learner in res["learners"]:
             groups.setdefault((arm, learner), []).append((order, seed, name, res))
     for (arm, learner), members in groups.items():
         cells = [mean_sd([res["metrics"][learner][key] for *_, res in members]) for key in ("OP", "BWT", "FWT", "F")]
-        skills = {task: [] for task in CHOICE_TASKS}
-        for order, seed, name, res in members:
-            for run, who, task, *_, skill, share in majority[name]:
-                if who == learner:
-                    skills[task].append(100 * skill)
-        skill_cells = ", ".join(f"{statistics.mean(v):+.1f}" if v else "-" for v in skills.values())
-        lines.append(f"| {arm} | {learner} | {len(members)} | " + " | ".join(cells) + f" | {skill_cells} |")
+        line = f"| {arm} | {learner} | {len(members)} | " + " | ".join(cells) + " |"
+        if data_dir:
+            skills = {task: [] for task in CHOICE_TASKS}
+            for order, seed, name, res in members:
+                for run, who, task, *_, skill, share in majority[name]:
+                    if who == learner:
+                        skills[task].append(100 * skill)
+            line += " " + ", ".join(f"{statistics.mean(v):+.1f}" if v else "-" for v in skills.values()) + " |"
+        lines.append(line)
         ops[arm, learner] = {(order, seed): 100 * res["metrics"][learner]["OP"] for order, seed, _, res in members}
     # The ablation steps pair learners of one setting: with gamma 0 ilora's fast learner is replay at ilora's lr,
     # bit for bit, so "+ the slow learner" is that run's slow learner against its own fast one.
@@ -398,14 +402,17 @@ def report(root, data_dir):
                    ("former defaults lam 0.99, gamma 1 (slow) - ilora (slow)", ("ilora-old", "slow"),
                     ("ilora", "slow")),
                    ("best ilora overall (slow) - replay", ("ilora-best", "slow"), ("replay", "fast"))]
-    lines += ["", "| OP difference, paired by seed and order | pairs | mean | 95 % interval |", "|---|---|---|---|"]
+    differences = []
     for title, a, b in comparisons:
         if a not in ops or b not in ops:
             continue
         difference = paired(ops[a], ops[b])
         if difference:
             mean, half, n = difference
-            lines.append(f"| {title} | {n} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} |")
+            differences.append(f"| {title} | {n} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} |")
+    if differences:  # none until both arms of a comparison have two pairs
+        lines += ["", "| OP difference, paired by seed and order | pairs | mean | 95 % interval |", "|---|---|---|---|"]
+        lines += differences
     return "\n".join(lines)
 
 PHASES = ["repro", "pilot", "lr", "grid", "finals"]
