@@ -877,9 +877,11 @@ def model_source(name, gguf_first=False):
     return name, None
 
 def check_hub(name):
-    """A hub id must be in the local cache, or the hub must be reachable: fail in one line, not after retries."""
+    """A hub id's config and weights must be cached, or the hub reachable: fail in one line, not after retries."""
     from huggingface_hub import constants, try_to_load_from_cache
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    cached = {file for file in ("config.json", *weights) if isinstance(try_to_load_from_cache(name, file), str)}
+    if "config.json" in cached and cached & set(weights):
         return
     host = constants.ENDPOINT.split("://")[-1].split("/")[0]
     try:

@@ -787,6 +787,22 @@ def test_a_hub_id_that_is_not_cached_fails_at_once_without_a_network(tmp_path, m
     assert "is unreachable (no network?)" in err or "HF_HUB_OFFLINE" in err
     assert time.time() - start < 10
 
+def test_a_hub_id_cached_without_its_weights_counts_as_not_cached(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    def no_network(*a, **k):
+        raise OSError("unreachable")
+    monkeypatch.setattr(ilora.socket, "create_connection", no_network)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    snapshot = tmp_path / "models--org--model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--org--model" / "refs").mkdir()
+    (tmp_path / "models--org--model" / "refs" / "main").write_text("abc123")
+    (snapshot / "config.json").write_text("{}")
+    with pytest.raises(ilora.UsageError, match="not in the local cache"):
+        ilora.check_hub("org/model")
+    (snapshot / "model.safetensors").write_bytes(b"")
+    ilora.check_hub("org/model")  # config and weights cached: no network needed
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_an_out_folder_without_write_permission_is_refused_before_loading(tmp_path, model_dir, capsys):
     locked = tmp_path / "locked"

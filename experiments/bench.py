@@ -247,6 +247,7 @@ def run_method(name, method, args, device, current, replay, ckpt, rate):
     cfg = ilora.Config(method="ilora" if method.startswith("peft") else method, r=8, alpha=16.0,
                        dropout=args.dropout, batch_size=len(current), max_len=args.row_len, device=device.type)
     rep = [] if method == "seq" else replay
+    compiled = []  # the blocks compile_blocks compiled for the step
     if method.startswith("peft"):
         step, fast, slow = peft_comparator(model, cfg, current, rep, "hf" if method == "peft" else "ans")
     else:
@@ -255,7 +256,7 @@ def run_method(name, method, args, device, current, replay, ckpt, rate):
         opt = torch.optim.AdamW(fast, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
         if args.compile and device.type == "cuda" and hasattr(ilora, "merged"):
-            compile_blocks(model)
+            compiled = compile_blocks(model)
         # under torchrun train_step takes this process's share of the rows and sums the gradients, as in a run
         step = lambda k: ilora.train_step(model, layers, opt, sched, current, rep, cfg, k)
     fast0, slow0 = [t.detach().clone() for t in fast], [t.detach().clone() for t in slow]
@@ -284,6 +285,10 @@ def run_method(name, method, args, device, current, replay, ckpt, rate):
             if device.type == "cuda" and not args.no_sync_check:
                 row["sync_check"] = sync_check(step, warmup + steps + 1, device)
             if args.eval_prompts > 0:
+                # Scoring runs the plain blocks, as ilora.py does: a compiled block inside generate recompiled for
+                # each layer's cache state until torch's limit, and that cost is not ilora.py's.
+                for block in compiled:
+                    del block.forward
                 row["eval"] = time_eval(model, tok, layers, args, device, torch.Generator().manual_seed(args.seed + 1))
         except Exception as e:
             row["extras_error"] = f"{type(e).__name__}: {str(e)[:300]}"
