@@ -248,8 +248,14 @@ def lm_loss(model, h, labels, pos, n_tokens=None):
     h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, pos)  # (N, H)
     y = labels[:, 1:].reshape(-1).index_select(0, pos)            # (N,)
     logits = model.get_output_embeddings()(h).float()              # (N, V)
+    # Train on the logits the model decodes: Granite divides them, Cohere scales them, Gemma-2 soft-caps them (the
+    # top-level config: Gemma-3's multimodal model decodes its text model's logits uncapped).
+    if getattr(model.config, "logits_scaling", None):
+        logits = logits / model.config.logits_scaling
+    if getattr(model.config, "logit_scale", None):
+        logits = logits * model.config.logit_scale
     cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma-2 decodes soft-capped logits: train on those too
+    if cap:
         logits = torch.tanh(logits / cap) * cap
     if n_tokens is None:
         n_tokens = len(pos)
@@ -344,8 +350,10 @@ def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
 
 def set_seed(seed, task=0, rank=0):
     """Seed task `task`'s data order and dropout (0: before the first; LoRA init): every task starts from its own
-    seed, so a run resumed at a task boundary draws what an uninterrupted run draws, with no random state saved."""
-    torch.manual_seed(seed + task * 2 ** 32 + rank)  # also seeds every CUDA device
+    seed, so a run resumed at a task boundary draws what an uninterrupted run draws, with no random state saved.
+    torch's CPU generator keeps only the low 32 bits of a seed, so (seed, task, rank) is hashed into 32 bits."""
+    digest = hashlib.sha256(f"{seed},{task},{rank}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:4], "little"))  # also seeds every CUDA device
 
 def train_task(model, layers, examples, t, buffer, cfg, state):
     """Train the fast learner on task t's (ids, n_prompt) examples; state holds the global step and counters."""
@@ -930,20 +938,26 @@ def model_dtype(device):
 
 def load_model(name, device):
     """The model in bf16 on a GPU, fp32 on a CPU, and its tokenizer with a pad token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging
     logging.set_verbosity_error()  # its notes on weights and its progress bars would bury the run's own log
     logging.disable_progress_bar()
     src, gguf = model_source(name)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=model_dtype(device)).to(device)
+    # The converted copy is kept in fp32 whichever device makes it: a later CPU run loads what a first one would.
+    dtype = torch.float32 if gguf else model_dtype(device)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=dtype)
     if name == DEFAULT_MODEL:  # SmolLM2-Instruct's end of turn; transformers 5.17 reads the GGUF's as <|im_start|>
         tok.eos_token = "<|im_end|>"
     if gguf and RANK == 0:  # save_pretrained makes CACHE's parent folders
         save_converted(model, tok)
+    model.to(device, model_dtype(device))
     if tok.pad_token_id is None:  # GPT-2 and Llama tokenizers have none; no loss or answer reads padding
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
+    # Scoring is greedy decoding alone: generate() takes what it is not told from the checkpoint's own settings (a
+    # repetition penalty, blocked n-grams, beams), which would change the answers.
+    model.generation_config = GenerationConfig()
     return model, tok
 
 def fingerprint(cfg, tasks):
