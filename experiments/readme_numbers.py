@@ -80,6 +80,8 @@ def trace8_block():
 def finals_block():
     """The study's finals so far (study.py report, without the skill column, which needs the tasks' answers)."""
     runs = len(list((STUDY / "finals").glob("*/results.json")))
+    if runs == 0:
+        return f"No run of the {FINALS_RUNS} has finished yet."
     return f"{study.report(STUDY)}\n\nFinished runs: {runs} of {FINALS_RUNS}."
 
 BLOCKS = {"demo": demo_block, "trace8": trace8_block, "finals": finals_block}

@@ -95,7 +95,8 @@ def final_arms(root):
     ilora setting overall if it is none of these."""
     chosen = select(root)
     cons = chosen["ilora with consistency"]
-    arms = {"seq": chosen["seq"], "replay": chosen["replay"], "ilora": cons, "ilora-g0": {**cons, "gamma": 0.0},
+    # in the order the runs start: the study's question (ilora against replay) first, then the ablation
+    arms = {"ilora": cons, "replay": chosen["replay"], "ilora-g0": {**cons, "gamma": 0.0}, "seq": chosen["seq"],
             "ilora-old": {**cons, "lam": 0.99, "gamma": 1.0}}
     if chosen["ilora"] not in arms.values():
         arms["ilora-best"] = chosen["ilora"]
