@@ -250,9 +250,10 @@ def lm_loss(model, h, labels, pos, n_tokens=None):
     logits = model.get_output_embeddings()(h).float()              # (N, V)
     # Train on the logits the model decodes: Granite divides them, Cohere scales them, Gemma-2 soft-caps them (the
     # top-level config: Gemma-3's multimodal model decodes its text model's logits uncapped).
-    if getattr(model.config, "logits_scaling", None):
+    model_type = model.config.model_type
+    if model_type.startswith("granite"):
         logits = logits / model.config.logits_scaling
-    if getattr(model.config, "logit_scale", None):
+    if model_type.startswith("cohere"):
         logits = logits * model.config.logit_scale
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
@@ -933,6 +934,14 @@ def save_converted(model, tok):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+def convert_gguf(src, gguf):
+    """De-quantize the GGUF file in fp32, whichever device runs, and keep it as a folder in CACHE: a later CPU run
+    loads the weights a first one would, and the folder is what PEFT adapters name as their base model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    tok.eos_token = "<|im_end|>"  # as load_model sets it for the default model
+    save_converted(AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32), tok)
+
 def model_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -943,15 +952,16 @@ def load_model(name, device):
     logging.set_verbosity_error()  # its notes on weights and its progress bars would bury the run's own log
     logging.disable_progress_bar()
     src, gguf = model_source(name)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    # The converted copy is kept in fp32 whichever device makes it: a later CPU run loads what a first one would.
-    dtype = torch.float32 if gguf else model_dtype(device)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=dtype)
+    if gguf:  # the default model's first load: its GGUF becomes the folder CACHE, which every run then loads
+        if RANK == 0:
+            convert_gguf(src, gguf)
+        if WORLD > 1:
+            torch.distributed.barrier()
+        src = str(CACHE)
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=model_dtype(device)).to(device)
     if name == DEFAULT_MODEL:  # SmolLM2-Instruct's end of turn; transformers 5.17 reads the GGUF's as <|im_start|>
         tok.eos_token = "<|im_end|>"
-    if gguf and RANK == 0:  # save_pretrained makes CACHE's parent folders
-        save_converted(model, tok)
-    model.to(device, model_dtype(device))
     if tok.pad_token_id is None:  # GPT-2 and Llama tokenizers have none; no loss or answer reads padding
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id

@@ -934,20 +934,28 @@ def test_an_interrupted_conversion_of_the_gguf_leaves_nothing_behind(tmp_path, m
         ilora.save_converted(HalfSaved(), None)
     assert list((tmp_path / "cache").iterdir()) == []
 
-def test_the_converted_default_model_is_kept_in_fp32_whichever_device_converts_it(model_dir, monkeypatch):
+def test_the_converted_default_model_is_kept_in_fp32_whichever_device_converts_it(model_dir, tmp_path, monkeypatch):
     import transformers
+    from safetensors.torch import load_file
     load_folder = transformers.AutoModelForCausalLM.from_pretrained
     load_tokenizer = transformers.AutoTokenizer.from_pretrained
     # the tiny model's folder stands in for the GGUF file, and the run is a GPU run's (bf16)
     monkeypatch.setattr(ilora, "model_source", lambda name: (str(model_dir), "model.gguf"))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda src, gguf_file, **kw: load_folder(src, **kw))
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda src, gguf_file: load_tokenizer(src))
+                        lambda src, gguf_file=None, **kw: load_folder(src, **kw))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda src, gguf_file=None: load_tokenizer(src))
     monkeypatch.setattr(ilora, "model_dtype", lambda device: torch.bfloat16)
-    saved = []  # the dtype of the weights save_converted writes
-    monkeypatch.setattr(ilora, "save_converted", lambda model, tok: saved.append(next(model.parameters()).dtype))
+    monkeypatch.setattr(ilora, "CACHE", tmp_path / "SmolLM2-135M-Instruct")
     model, _ = ilora.load_model("a/model", torch.device("cpu"))
-    assert saved == [torch.float32] and next(model.parameters()).dtype == torch.bfloat16
+    saved = load_file(tmp_path / "SmolLM2-135M-Instruct" / "model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+def test_a_bf16_run_keeps_the_rotary_frequencies_in_fp32_as_transformers_loads_them(model_dir, monkeypatch):
+    monkeypatch.setattr(ilora, "model_dtype", lambda device: torch.bfloat16)  # as on a GPU
+    model, _ = ilora.load_model(str(model_dir), torch.device("cpu"))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # casting the model would round them to bf16
 
 # ---- the real default model --------------------------------------------------------------------------------------
 

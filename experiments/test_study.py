@@ -168,6 +168,7 @@ def test_the_report_pairs_arms_by_seed_and_order(tmp_path, monkeypatch):
 def test_the_ablation_pairs_the_slow_learner_of_gamma_0_with_its_own_fast_one(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "majority_rows", lambda *args: [])
     for order, seed, slow_op, fast_op in (("trace", 0, 0.40, 0.30), ("reversed", 0, 0.35, 0.33)):
+        assert "OP difference" not in study.report(tmp_path)  # no comparison has two pairs yet: no paired table
         write_run(tmp_path / "finals" / f"ilora-g0-{order}-s{seed}", ["a"],
                   {"slow": [[0], [slow_op]], "fast": [[0], [fast_op]]}, ("slow", "fast"), "ilora")
     text = study.report(tmp_path, None)
