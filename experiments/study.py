@@ -279,7 +279,7 @@ def pack(root, runs, out, name, limit=14 << 20):
                 tar.add(path, arcname=arcname)
 
 def collect(packs, runs, folder, name):
-    """The finished runs of the phase in packs/NAME-*.tgz (what the device calls brought back) into folder: config,
+    """The finished runs of the phase in packs/NAME-*.tgz (what the GPU commands brought back) into folder: config,
     results, predictions and log, no checkpoint. A run already there is left as it is. Returns the runs added."""
     added = []
     for path in sorted(packs.glob(f"{name}-*.tgz")):
