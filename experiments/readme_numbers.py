@@ -78,11 +78,12 @@ def trace8_block():
     return "\n".join(lines)
 
 def finals_block():
-    """The study's finals so far (study.py report, without the skill column, which needs the tasks' answers)."""
+    """The study's finals so far (study.py report, without the skill column, which needs the tasks' answers, and
+    without the runs of the former seeding, which RESULTS.md reads)."""
     runs = len(list((STUDY / "finals").glob("*/results.json")))
     if runs == 0:
         return f"No run of the {FINALS_RUNS} has finished yet."
-    return f"{study.report(STUDY)}\n\nFinished runs: {runs} of {FINALS_RUNS}."
+    return f"{study.report(STUDY, redraws=False)}\n\nFinished runs: {runs} of {FINALS_RUNS}."
 
 BLOCKS = {"demo": demo_block, "trace8": trace8_block, "finals": finals_block}
 

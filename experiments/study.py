@@ -360,10 +360,11 @@ def paired(a, b):
     half = T_975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return statistics.mean(diffs), half, len(diffs)
 
-def report(root, data_dir=None):
+def report(root, data_dir=None, redraws=True):
     """The finals: each arm and learner's metrics (mean ± sd over seeds and orders), skill above the majority
-    answer at the end, and the seed-paired differences that answer the study's question. Without data_dir (the
-    tasks' gold answers) the skill column is left out: README.md's table, written where the data is not."""
+    answer at the end, the seed-paired differences that answer the study's question, and (redraws) each run against
+    its twin on the former seeding. Without data_dir (the tasks' gold answers) the skill column is left out:
+    README.md's table, written where the data is not."""
     folder = pathlib.Path(root) / "finals"
     runs = load(folder.parent, folder.name)
     ops = {}  # (arm, learner) -> {(order, seed): OP}
@@ -414,7 +415,32 @@ def report(root, data_dir=None):
     if differences:  # none until both arms of a comparison have two pairs
         lines += ["", "| OP difference, paired by seed and order | pairs | mean | 95 % interval |", "|---|---|---|---|"]
         lines += differences
-    return "\n".join(lines)
+    return "\n".join(lines + (redrawn(folder, runs) if redraws else []))
+
+def redrawn(folder, runs):
+    """Table lines for the finals runs that also ran on the former seeding (the folder finals-old-seeding, where
+    every task of a run drew the same data orders): each arm's OP on the seeding that ships minus its OP on the
+    former one, run for run, and the spread of those differences. The two runs differ in their random draws only."""
+    former = load(folder.parent, folder.name + "-old-seeding")
+    ops = {}  # (arm, learner) -> {run: (OP now, OP on the former seeding)}
+    for name in sorted(set(runs) & set(former)):
+        arm = re.fullmatch(r"(.+)-(trace|reversed)-s(\d+)", name).group(1)
+        for learner in runs[name]["learners"]:
+            now, before = (100 * res["metrics"][learner]["OP"] for res in (runs[name], former[name]))
+            ops.setdefault((arm, learner), {})[name] = (now, before)
+    lines = []
+    for (arm, learner), pairs in ops.items():
+        difference = paired({name: now for name, (now, _) in pairs.items()},
+                            {name: before for name, (_, before) in pairs.items()})
+        if difference:
+            mean, half, n = difference
+            spread = statistics.stdev(now - before for now, before in pairs.values())
+            lines.append(f"| {arm} | {learner} | {n} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} | "
+                         f"{spread:.2f} |")
+    if not lines:
+        return []
+    return ["", "| arm: OP now - OP on the former seeding, run for run | learner | runs | mean | 95 % interval | sd |",
+            "|---|---|---|---|---|---|", *lines]
 
 PHASES = ["repro", "pilot", "lr", "grid", "finals"]
 

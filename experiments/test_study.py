@@ -175,6 +175,20 @@ def test_the_ablation_pairs_the_slow_learner_of_gamma_0_with_its_own_fast_one(tm
     line = next(l for l in text.splitlines() if l.startswith("| + the slow learner"))
     assert line.startswith("| + the slow learner: ilora gamma 0, slow - fast | 2 | +6.00 |")  # (10 + 2) / 2 points
 
+def test_the_report_sets_each_run_beside_its_twin_on_the_former_seeding(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "majority_rows", lambda *args: [])
+    for name, now, before in (("seq-trace-s0", 0.30, 0.25), ("seq-reversed-s0", 0.28, 0.27),
+                              ("seq-trace-s1", 0.20, None), ("replay-trace-s0", 0.40, 0.36)):
+        write_run(tmp_path / "finals" / name, ["a"], [[0], [now]])
+        if before is not None:
+            write_run(tmp_path / "finals-old-seeding" / name, ["a"], [[0], [before]])
+    write_run(tmp_path / "finals-old-seeding" / "seq-reversed-s3", ["a"], [[0], [0.1]])  # no twin yet: left out
+    text = study.report(tmp_path)
+    # differences 5 and 1 points: mean 3, sd 2.83, interval 3 +- 12.706 * 2.83 / sqrt(2); replay's one pair gives
+    # no interval, so no line
+    assert text.split("former seeding")[1].splitlines()[2:] == ["| seq | fast | 2 | +3.00 | -22.41 to +28.41 | 2.83 |"]
+    assert "former seeding" not in study.report(tmp_path, redraws=False)  # README.md's table
+
 def test_runs_are_spread_over_the_gpus_each_on_the_one_running_fewest(tmp_path, monkeypatch):
     import trace8
     started = []  # (run, CUDA_VISIBLE_DEVICES)
