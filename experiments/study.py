@@ -424,7 +424,10 @@ def redrawn(folder, runs):
     former = load(folder.parent, folder.name + "-old-seeding")
     ops = {}  # (arm, learner) -> {run: (OP now, OP on the former seeding)}
     for name in sorted(set(runs) & set(former)):
-        arm = re.fullmatch(r"(.+)-(trace|reversed)-s(\d+)", name).group(1)
+        match = re.fullmatch(r"(.+)-(trace|reversed)-s(\d+)", name)
+        if match is None:  # not a finals run
+            continue
+        arm = match.group(1)
         for learner in runs[name]["learners"]:
             now, before = (100 * res["metrics"][learner]["OP"] for res in (runs[name], former[name]))
             ops.setdefault((arm, learner), {})[name] = (now, before)

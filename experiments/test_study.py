@@ -183,6 +183,8 @@ def test_the_report_sets_each_run_beside_its_twin_on_the_former_seeding(tmp_path
         if before is not None:
             write_run(tmp_path / "finals-old-seeding" / name, ["a"], [[0], [before]])
     write_run(tmp_path / "finals-old-seeding" / "seq-reversed-s3", ["a"], [[0], [0.1]])  # no twin yet: left out
+    for folder in ("finals", "finals-old-seeding"):  # not a finals name: left out
+        write_run(tmp_path / folder / "seq-trace-s0-copy", ["a"], [[0], [0.9]])
     text = study.report(tmp_path)
     # differences 5 and 1 points: mean 3, sd 2.83, interval 3 +- 12.706 * 2.83 / sqrt(2); replay's one pair gives
     # no interval, so no line
