@@ -360,6 +360,8 @@ def paired(a, b):
     half = T_975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return statistics.mean(diffs), half, len(diffs)
 
+FINALS_NAME = re.compile(r"(.+)-(trace|reversed)-s(\d+)")  # arm, order, seed
+
 def report(root, data_dir=None, redraws=True):
     """The finals: each arm and learner's metrics (mean ± sd over seeds and orders), skill above the majority
     answer at the end, the seed-paired differences that answer the study's question, and (redraws) each run against
@@ -374,7 +376,7 @@ def report(root, data_dir=None, redraws=True):
     groups = {}
     majority = {}  # run -> its majority_rows, read once for both of its learners
     for name, res in runs.items():
-        match = re.fullmatch(r"(.+)-(trace|reversed)-s(\d+)", name)
+        match = FINALS_NAME.fullmatch(name)
         if match is None:  # not a finals run
             continue
         arm, order, seed = match.groups()
@@ -422,22 +424,21 @@ def redrawn(folder, runs):
     every task of a run drew the same data orders): each arm's OP on the seeding that ships minus its OP on the
     former one, run for run, and the spread of those differences. The two runs differ in their random draws only."""
     former = load(folder.parent, folder.name + "-old-seeding")
-    ops = {}  # (arm, learner) -> {run: (OP now, OP on the former seeding)}
+    ops = {}  # (arm, learner) -> ({run: OP now}, {run: OP on the former seeding})
     for name in sorted(set(runs) & set(former)):
-        match = re.fullmatch(r"(.+)-(trace|reversed)-s(\d+)", name)
+        match = FINALS_NAME.fullmatch(name)
         if match is None:  # not a finals run
             continue
-        arm = match.group(1)
         for learner in runs[name]["learners"]:
-            now, before = (100 * res["metrics"][learner]["OP"] for res in (runs[name], former[name]))
-            ops.setdefault((arm, learner), {})[name] = (now, before)
+            now, before = ops.setdefault((match.group(1), learner), ({}, {}))
+            now[name] = 100 * runs[name]["metrics"][learner]["OP"]
+            before[name] = 100 * former[name]["metrics"][learner]["OP"]
     lines = []
-    for (arm, learner), pairs in ops.items():
-        difference = paired({name: now for name, (now, _) in pairs.items()},
-                            {name: before for name, (_, before) in pairs.items()})
+    for (arm, learner), (now, before) in ops.items():
+        difference = paired(now, before)
         if difference:
             mean, half, n = difference
-            spread = statistics.stdev(now - before for now, before in pairs.values())
+            spread = statistics.stdev(now[name] - before[name] for name in now)
             lines.append(f"| {arm} | {learner} | {n} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} | "
                          f"{spread:.2f} |")
     if not lines:
