@@ -1274,9 +1274,9 @@ def test_sari_and_13a_equal_hugging_face_s_metric_with_sacrebleu_s_tokenizer():
 
 # ---- several processes (torchrun, gloo on the CPU) ---------------------------------------------------------------
 
-def torchrun(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args], cwd=HERE,
-                          capture_output=True, text=True, timeout=timeout)
+def torchrun(*args, timeout=300):  # --standalone: a free port each time, not torchrun's fixed 29500
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], cwd=HERE, capture_output=True, text=True, timeout=timeout)
 
 def uneven_tasks(tmp_path):
     """Two tasks whose prompts have 5 to 9 tokens: the processes' shares of a batch pad to different lengths."""
@@ -1378,7 +1378,8 @@ ilora.main()
     assert not (tmp_path / "cut" / "results.json").exists()
     resumed = torchrun("ilora.py", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "full", "--dropout", "0.1")).returncode == 0
+    full = torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "full", "--dropout", "0.1"))
+    assert full.returncode == 0, full.stderr[-3000:]
     assert without_timing(tmp_path / "cut" / "results.json") == without_timing(tmp_path / "full" / "results.json")
     assert_same_tensors(adapters(tmp_path / "cut"), adapters(tmp_path / "full"), atol=1e-5)
     assert_same_tensors(checkpoint_tensors(tmp_path / "cut"), checkpoint_tensors(tmp_path / "full"), atol=1e-5)
