@@ -1274,9 +1274,9 @@ def test_sari_and_13a_equal_hugging_face_s_metric_with_sacrebleu_s_tokenizer():
 
 # ---- several processes (torchrun, gloo on the CPU) ---------------------------------------------------------------
 
-def torchrun(*args, timeout=300):  # --standalone: a free port each time, not torchrun's fixed 29500
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *args], cwd=HERE, capture_output=True, text=True, timeout=timeout)
+def torchrun(*args, processes=2, timeout=300):  # --standalone: a free port each time, not torchrun's fixed 29500
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), *args], cwd=HERE, capture_output=True, text=True, timeout=timeout)
 
 def uneven_tasks(tmp_path):
     """Two tasks whose prompts have 5 to 9 tokens: the processes' shares of a batch pad to different lengths."""
@@ -1295,17 +1295,18 @@ def ddp_args(model_dir, tmp_path, out, *extra):  # --rank: torchrun on Python 3.
             "--epochs", "6", "--eval-learner", "both", "--device", "cpu", "--dropout", "0", "--eval-batch-size",
             "3", *extra]
 
-def test_two_processes_equal_one_with_dropout_a_small_buffer_and_uneven_rows(tmp_path, model_dir):
+@pytest.mark.parametrize("processes", [2, 8])  # 8: more processes than a batch's 7 current or 2 replay rows
+def test_processes_without_dropout_equal_one_with_a_small_buffer_and_uneven_rows(tmp_path, model_dir, processes):
     one = ilora.main(ddp_args(model_dir, tmp_path, "one"))
-    proc = torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "two"))
+    proc = torchrun("ilora.py", *ddp_args(model_dir, tmp_path, "split"), processes=processes)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Warning" not in proc.stderr and "destroy_process_group" not in proc.stderr, proc.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    split = json.loads((tmp_path / "split" / "results.json").read_text())
     assert max(max(row) for row in one["R"]["slow"][1:]) > 0  # R can tell runs apart
-    assert two["R"] == json.loads(json.dumps(one["R"])) and two["train_tokens"] == one["train_tokens"]
-    # the same global batches, split over two processes: equal to fp32 rounding, which the sums' other order gives
+    assert split["R"] == json.loads(json.dumps(one["R"])) and split["train_tokens"] == one["train_tokens"]
+    # the same global batches, split over the processes: equal to fp32 rounding, which the sums' other order gives
     # and 24 Adam steps at lr 0.1 grow to about 1e-5 on factors near 1
-    assert_same_tensors(adapters(tmp_path / "two"), adapters(tmp_path / "one"), atol=1e-4)
+    assert_same_tensors(adapters(tmp_path / "split"), adapters(tmp_path / "one"), atol=1e-4)
     assert max(t.abs().max() for t in flat(adapters(tmp_path / "one")).values()) > 0.05  # they did train
 
 def test_slow_factors_are_bit_identical_across_processes(tmp_path):
