@@ -311,12 +311,12 @@ def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
     Returns the CE and the consistency term as device tensors (no host sync)."""
     backbone = model.base_model  # the transformer without the LM head
     # the means are over the whole batch: its answer tokens (CE) and its replay tokens (consistency)
-    n_answer = sum(len(ids) - n_prompt for ids, n_prompt in current + replay)
-    n_replay = sum(len(ids) for ids, _ in replay)
+    n_answer_tokens = sum(len(ids) - n_prompt for ids, n_prompt in current + replay)
+    n_replay_tokens = sum(len(ids) for ids, _ in replay)
     current, replay = process_share(current, replay)  # one process: all rows
-    n = len(current)
+    n = len(current)  # rows: the current ones come first
     use_slow = cfg.method == "ilora" and cfg.gamma > 0 and len(replay) > 0  # gamma 0: no target to compute
-    # 1. one batch: the current rows, then the replay rows; right-padded, so causal attention needs no mask
+    # 1. one batch: current rows, then replay rows; right-padded, so causal attention needs no mask (left padding would)
     ids, mask, labels, pos = collate(current + replay, model.config.pad_token_id, model.device)  # (B, L) x 3, (N,)
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
         # 2. the slow learner's block outputs on the replay rows: the target, so no graph
@@ -325,10 +325,10 @@ def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
         with block_outputs(backbone) as h_fast:  # one (B, L, H) a block
             out = backbone(input_ids=ids, use_cache=False)
         # 4. L = CE(fast; current + replay) + gamma * MSE(h_fast(replay), stopgrad h_slow(replay))
-        ce = lm_loss(model, out.last_hidden_state, labels, pos, n_answer)
+        ce = lm_loss(model, out.last_hidden_state, labels, pos, n_answer_tokens)
         cons = torch.zeros((), device=model.device)
         if use_slow:
-            cons = consistency_loss([h[n:] for h in h_fast], h_slow, mask[n:], n_replay)
+            cons = consistency_loss([h[n:] for h in h_fast], h_slow, mask[n:], n_replay_tokens)
         loss = ce + cfg.gamma * cons
     # 5. update the fast learner (torchrun: the processes' gradients sum to the whole batch's)
     loss.backward()
@@ -348,7 +348,7 @@ def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
 
 def set_seed(seed, task=0, rank=0):
     """Seed task `task`'s data order and dropout (0: before the first; LoRA init): every task starts from its own
-    seed, so a run resumed at a task boundary draws what an uninterrupted run draws, with no random state saved.
+    seed, so a run resumed at a task boundary draws what an uninterrupted run draws; torch's random state is not saved.
     torch's CPU generator keeps only the low 32 bits of a seed, so (seed, task, rank) is hashed into 32 bits."""
     digest = hashlib.sha256(f"{seed},{task},{rank}".encode()).digest()
     torch.manual_seed(int.from_bytes(digest[:4], "little"))  # also seeds every CUDA device
@@ -412,7 +412,8 @@ def generate(model, tok, prompts, max_new_tokens, max_len, static_rows=0):
     out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, cache_implementation="static" if static_rows else None)
-    return [tok.decode(out[row, length:], skip_special_tokens=True) for row in range(len(prompts))]
+    return [tok.decode(out[row, length:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            for row in range(len(prompts))]  # as TRACE decodes: no clean-up turning "sky ." into "sky."
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scores and the continual-learning metrics.
@@ -461,7 +462,7 @@ def format_R(R, names, learner):
     return "\n".join(lines)
 
 # ================================================================================================================
-# Machinery: everything below runs the method; a reader who stops here has the whole method.
+# Machinery: everything below runs the method, whose steps are all above (they call a few helpers from below).
 
 # ----------------------------------------------------------------------------------------------------------------
 # Options: one dataclass; the command line is generated from it, and it is saved next to the results.
@@ -511,8 +512,7 @@ class Config:
     def __post_init__(self):
         self.out = self.out or f"runs/{self.method}"  # the methods' runs side by side, as the README runs them
 
-# Settings that may change on --resume: none of them can change a number of the result.
-RESUMABLE = {"out", "overwrite", "resume", "log_every"}
+RESUMABLE = {"out", "overwrite", "resume", "log_every"}  # may change on --resume: they change no number
 
 def result_changing(saved, cfg):
     """Names of the settings in which cfg differs from a saved config.json in a way that changes the result."""
@@ -757,12 +757,12 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
         for start in range(0, len(group), cfg.eval_batch_size):
             jobs.append((length, group[start: start + cfg.eval_batch_size]))
     answers = {}
+    static_rows = cfg.eval_batch_size if static_cache(model) else 0
     model.eval()  # train_task switches training back on
     with merged(model, learner):
         for length, batch in tqdm(jobs[RANK::WORLD], desc=f"scoring the {learner} learner", leave=False,
                                   dynamic_ncols=True, disable=RANK > 0):
-            texts = generate(model, tok, [prompts[i] for i in batch], length, cfg.max_len,
-                             cfg.eval_batch_size if static_cache(model) else 0)
+            texts = generate(model, tok, [prompts[i] for i in batch], length, cfg.max_len, static_rows)
             answers.update(zip(batch, texts))
     answers = gather(answers)  # torchrun: every process's batches
     in_order = iter([answers[i] for i in range(len(prompts))])

@@ -16,8 +16,8 @@ HERE = pathlib.Path(ilora.__file__).parent
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "A", "B", "C", "yes", "no", "red", "blue", "green", "gold", "is", "the",
          "a", "of", "what", "colour", "answer", "question", "1", "2", "3", "cat", "dog", "sky", "sea", "grass", "sun"]
 
-def tiny_tokenizer():
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+def tiny_tokenizer(words=WORDS):
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece()  # joins word tokens with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
@@ -633,6 +633,14 @@ def test_generation_stops_at_eos_and_otherwise_runs_to_the_cap():
     assert ilora.generate(constant_model(tok.eos_token_id), tok, PROMPTS[:3], 4, max_len=16) == [""] * 3
     red = tok.convert_tokens_to_ids("red")
     assert ilora.generate(constant_model(red), tok, PROMPTS[:3], 4, max_len=16) == ["red red red red"] * 3
+
+def test_answers_are_decoded_as_trace_decodes_them_without_the_tokenizers_clean_up():
+    tok = tiny_tokenizer(WORDS + ["."])
+    tok.backend_tokenizer.decoder = decoders.WordPiece(cleanup=False)  # spaces joined, nothing removed
+    tok.clean_up_tokenization_spaces = True  # as some hub tokenizers ship it: transformers' clean-up, " ." -> "."
+    dot, sky = tok.convert_tokens_to_ids(["."]), tok.convert_tokens_to_ids(["sky"])
+    assert tok.decode(sky + dot) == "sky."  # this tokenizer cleans up by default
+    assert ilora.generate(constant_model(dot[0]), tok, PROMPTS[:2], 3, max_len=16) == [". . ."] * 2
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("model_type", sorted(ilora.DEFAULT_TARGETS))

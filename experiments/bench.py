@@ -66,7 +66,7 @@ class IdTokenizer:
     pad_token_id, eos_token_id = 0, None
     def __call__(self, ids, add_special_tokens=True):
         return {"input_ids": list(ids)}
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
         return " ".join(map(str, ids.tolist()))
 
 def build_model(name, args, device):
