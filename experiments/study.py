@@ -28,6 +28,7 @@ import argparse, itertools, json, math, pathlib, re, statistics, sys, tarfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # ilora.py is one folder up
+import ilora
 from trace8 import load, mean_sd, run_jobs  # run_jobs: jobs side by side; finished ones skipped, stopped ones resumed
 from majority import CHOICE_TASKS, DATA, majority_rows
 
@@ -491,7 +492,7 @@ def main():
             run_jobs([(folder / name, [*base, *argv]) for name, argv in runs.items()], args.parallel, args.deadline,
                      gpus=args.gpus)
             print(table(folder, runs, args.action))
-    except NotDecided as e:
+    except (NotDecided, ilora.UsageError) as e:  # a UsageError: the task data is not where --data-dir says
         sys.exit(f"error: {e}")
 
 if __name__ == "__main__":
