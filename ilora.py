@@ -11,9 +11,8 @@ Every targeted linear layer W gets two copies of LoRA factors (Hu et al., arXiv 
   h = the transformer blocks' outputs over real tokens; the slow learner answers at evaluation.
 `--method seq` (sequential LoRA) and `--method replay` (experience replay) run the same code with switches off.
 
-The method is everything above the banner "Machinery": for another training loop, copy UsageError down to
-train_step (in one process, without train_step's process_share and sum_gradients lines). Below the banner: options,
-task files, TRACE's scorers, evaluation, checkpoints, model loading, torchrun, the command line.
+The method is everything above the banner "Machinery", and what runs it is below: for another training loop, copy
+UsageError down to train_step (in one process, without train_step's process_share and sum_gradients lines).
 
     python ilora.py                                      # 8 built-in tasks on SmolLM2-135M-Instruct -> runs/ilora
     python ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC,ScienceQA --method replay
@@ -255,16 +254,14 @@ def lm_loss(model, h, labels, pos, n_tokens=None):
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    if n_tokens is None:
-        n_tokens = len(pos)
+    n_tokens = n_tokens or len(pos)
     return F.cross_entropy(logits, y, reduction="sum") / n_tokens
 
 def consistency_loss(h_fast, h_slow, mask, n_tokens=None):
     """MSE between the fast and the slow learner's hidden states over real tokens and hidden units, averaged over
     layers. h_fast, h_slow: one (B, L, H) a block; mask: (B, L); n_tokens as in lm_loss. h_slow gets no gradient."""
     m = mask.unsqueeze(-1).to(h_fast[0].dtype)  # (B, L, 1)
-    if n_tokens is None:
-        n_tokens = m.sum().float()
+    n_tokens = n_tokens or m.sum().float()
     n_values = n_tokens * h_fast[0].shape[-1]  # real tokens x hidden units
     per_layer = [((hf - hs.detach()) * m).pow(2).sum(dtype=torch.float32) / n_values
                  for hf, hs in zip(h_fast, h_slow)]
@@ -425,9 +422,8 @@ def score(tasks, preds, metrics, split):
     for name, splits in tasks.items():
         records = splits[split]
         scorer = METRICS[metrics[name]]
-        row.append(math.fsum(scorer(pred, record["answer"], record["prompt"])
-                             for pred, record in zip(preds[name], records))
-                   / len(records))
+        scores = [scorer(pred, record["answer"], record["prompt"]) for pred, record in zip(preds[name], records)]
+        row.append(math.fsum(scores) / len(records))
     return row
 
 def cl_metrics(R):
@@ -815,8 +811,8 @@ def read_run(out):
         try:
             yield read(path)
         except Exception as e:  # missing, cut short, not JSON, not a zip: the run cannot be continued from it
-            raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}); start the run again with "
-                             f"--overwrite") from None
+            raise UsageError(f"--resume: cannot read {path} ({type(e).__name__}); start the run with --overwrite "
+                             f"in place of --resume") from None
 
 def check_out(cfg):
     """--out must be a folder this process can write, or a path where one can be made; with --overwrite it is
@@ -1086,7 +1082,6 @@ def make_deterministic(on):
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when it starts
         torch.use_deterministic_algorithms(True)  # strict: with warn_only, cuDNN attention stays nondeterministic
-        torch.backends.cudnn.benchmark = False
 
 def run(cfg):
     """Train cfg.method over the task sequence; returns the results dict also written to cfg.out/results.json."""
@@ -1193,6 +1188,11 @@ def main(argv=None):
     except (UsageError, FloatingPointError) as e:  # bad input (2), or a diverged run (1)
         sys.stderr.write(f"error: {e}\n")  # one write: under torchrun two ranks' lines do not interleave
         sys.exit(2 if isinstance(e, UsageError) else 1)
+    except KeyboardInterrupt:  # Ctrl-C: checkpoint.pt keeps every finished task (written whole or not at all)
+        saved = (pathlib.Path(parse_args(argv).out) / "checkpoint.pt").is_file()  # argv parsed once already
+        advice = "continue with the same command plus --resume" if saved else "start it again with the same command"
+        sys.stderr.write(f"interrupted: {advice}\n")
+        sys.exit(130)  # as a shell reports a process stopped by SIGINT
     finally:
         end_distributed()
 

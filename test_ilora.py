@@ -793,6 +793,7 @@ def bad_input_cases(tmp_path):
         (["--tasks", good, "--model", str(tmp_path / "no_model")], "no such folder"),
         (["--tasks", good, "--model", "not a/hub id"], "--model not a/hub id: no such folder, and not a hub id"),
         (["--tasks", good, "--out", str(a_file)], "is a file, not a folder"),
+        (["--tasks", good, "--resume"], "config.json (FileNotFoundError); start the run with --overwrite in place of"),
         (["--tasks", good, "--out", str(a_file / "sub")], "cannot write there (Not a directory)"),
     ]
 
@@ -1046,11 +1047,26 @@ def test_sigint_keeps_finished_tasks_and_resume_completes(tmp_path, model_dir):
     assert proc.poll() is None and time.time() < deadline, "task 1 never finished"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and "KeyboardInterrupt" in err, (proc.returncode, err[-1500:])
+    last_line = err.strip().splitlines()[-1]  # no progress bar drawn after it
+    assert proc.returncode == 130 and last_line == "interrupted: continue with the same command plus --resume", err
+    assert "Traceback" not in err
     ck = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert ck["state"]["done"] == 1 and ck["R"]["slow"][1] is not None  # ilora answers with slow
     res = ilora.main(args + ["--resume"])
     assert all(row is not None for row in res["R"]["slow"])
+
+def test_an_interrupt_before_anything_is_saved_says_to_start_again(tmp_path, model_dir, monkeypatch, capsys):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    real = ilora.load_model
+    monkeypatch.setattr(ilora, "load_model", interrupt)
+    args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
+    with pytest.raises(SystemExit) as e:
+        ilora.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err == "interrupted: start it again with the same command\n"
+    monkeypatch.setattr(ilora, "load_model", real)
+    assert ilora.main(args)["R"]  # and the same command does run
 
 def test_non_finite_loss_stops_with_step_task_and_checkpoint(tmp_path, model_dir, monkeypatch, capsys):
     monkeypatch.setattr(ilora, "lm_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
