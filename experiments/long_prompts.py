@@ -1,8 +1,8 @@
 """How many rows of each task lose the left end of their prompt at a run's --max-len, counted with ilora.py's own
 encoding (training rows) and generation width (scored prompts). ilora.py cuts such prompts without a word.
 
-    TASKS=C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten
-    python experiments/long_prompts.py --data-dir ../shared/data/trace_500 --tasks $TASKS --max-len 768 --max-new-tokens 64
+    TASKS=C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten DATA=../shared/data/trace_500
+    python experiments/long_prompts.py --data-dir $DATA --tasks $TASKS --max-len 768 --max-new-tokens 64
 
 Takes ilora.py's options (those that matter here: --model, --data-dir, --tasks, --max-len, --max-new-tokens,
 --eval-split and the caps); loads only the tokenizer. The prompt lengths are the same under transformers 5.17 and
