@@ -6,7 +6,7 @@
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; ROOT=${ROOT:-/root/t8x}; mkdir -p "$OUT" "$ROOT"
 [ -d "$ROOT/sweep" ] || cp -r experiments/results/trace8/sweep "$ROOT/"
-[ -d .t8x/final ] && cp -rn .t8x/final "$ROOT/"  # finished runs of an earlier call (carry .t8x), skipped by trace8.py
+[ -d .t8x/final ] && cp -rn .t8x/final "$ROOT/"  # finished runs of an earlier command (in .t8x), skipped by trace8.py
 python3 experiments/trace8.py final --seeds 0,1,2,3 --root "$ROOT" --data-dir /root/ilora-data/trace_500 \
   --model /root/ilora-model/smollm2-135m-instruct -j "${JOBS:-8}" --deadline "${DEADLINE:-520}" ${EXTRA:+--extra "$EXTRA"} \
   > "$OUT/finals.log" 2>&1 || true

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Speed measurements (issues 13 and 20), one phase per device call (each fits in 10 minutes). Run from the
+# Speed measurements (issues 13 and 20), one phase per GPU command (each fits in 10 minutes). Run from the
 # repository root on the GPU machine after ../shared/tools/gpu_stage.sh; logs and JSON go to $OUT (default /tmp/out).
 #   bash experiments/gpu_speed.sh new     # bench.py on this ilora.py: SmolLM2, Qwen2-1.5B and Llama-2-7B shapes
 #   bash experiments/gpu_speed.sh old     # bench.py on the baseline ilora.py (.baseline/ilora.py), then --no-compile
@@ -15,7 +15,7 @@
 #                                         on a machine of one GPU the two arms run one after the other on it
 #                                         (N=4: 4 runs an arm; EPOCHS=2: 160 steps a run instead of 240)
 #   bash experiments/gpu_speed.sh equal   # the evaluation pass at equal settings (batch 100): the baseline
-#                                         ilora.py (carry .baseline: git show b7808ed:ilora.py) and this one
+#                                         ilora.py (send .baseline: git show b7808ed:ilora.py) and this one
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 M=/root/ilora-model/smollm2-135m-instruct; D=/root/ilora-data/trace_500

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # A phase of the study (RESULTS.md, issue 22) on the GPU machine, after ../shared/tools/gpu_stage.sh, from the
-# repository root; the same command each device call until the phase is done. Each call unpacks the runs carried in
+# repository root; the same command again and again until the phase is done. Each run of it unpacks the runs sent in
 # .study/FOLDER-*.tgz (each pack once per machine, known by its checksum); starts the phase, unless it is still
-# running from an earlier call on this machine, detached from the call and from the working tree (a copy of
+# running from an earlier command on this machine, detached from the command and from the working tree (a copy of
 # ilora.py and experiments/ under $ROOT/code), JOBS runs at a time (12 a GPU), for at most RUN_FOR seconds; waits
 # WAIT seconds or until the phase ends; then packs every run of the phase (study.py pack: finished runs, and the
-# last task-boundary checkpoint of unfinished ones) into $ROOT/packs and moves into $OUT as many packs as one call
-# brings back (8 files, 64 MiB, with the log); the rest wait there for `more`. So runs go on between calls while
+# last task-boundary checkpoint of unfinished ones) into $ROOT/packs and moves into $OUT as many packs as one command
+# brings back (8 files, 64 MiB, with the log); the rest wait there for `more`. So runs go on between commands while
 # the machine is held; a machine given back loses only what its runs did since their last finished task, and the
-# packs resume them on the next machine (carry them in .study; packs over what one call carries go in calls of
+# packs resume them on the next machine (send them in .study; packs over what one command takes go in commands of
 # their own first, `unpack`). FOLDER is the phase's folder (screen for lr and grid). Later phases read the
 # decisions of earlier ones from the committed results under experiments/results/study/. On a machine of several
 # GPUs the phase's start also runs the built-in demo once on GPU 0 and once on GPU 1 and compares the bits
 # ($OUT/gpu-check.txt): a run stopped on one GPU may resume on the other.
 #   WAIT=500 bash experiments/gpu_study.sh lr   # start or follow the phase, pack after 500 s
-#   bash experiments/gpu_study.sh lr more       # the packs the last call could not bring back
-#   bash experiments/gpu_study.sh lr unpack     # unpack the carried .study only
+#   bash experiments/gpu_study.sh lr more       # the packs the last command could not bring back
+#   bash experiments/gpu_study.sh lr unpack     # unpack the .study sent along, only
 #   bash experiments/gpu_study.sh lr stop       # stop the phase's runs now (their checkpoints stay)
 #   MPS=0 WAIT=500 bash experiments/gpu_study.sh lr   # start no MPS server (the default runs a phase through one:
 #                                                     gpu_speed.sh mps, BENCHMARKS.md); one already running still

@@ -257,7 +257,7 @@ def select(root):
 # Packing, tables and reports.
 
 def pack(root, runs, out, name, limit=14 << 20):
-    """The runs as out/NAME-0.tgz, NAME-1.tgz, ... of at most `limit` bytes of files each (what a device call
+    """The runs as out/NAME-0.tgz, NAME-1.tgz, ... of at most `limit` bytes of files each (what a GPU command
     brings back): config, results, predictions and log of every run, and the checkpoint of every unfinished one,
     so that a later wave on another machine resumes it. No adapters. A run's files stay in one pack, so a pack
     that does not come back loses whole runs, which then start again, and never half of one."""
