@@ -362,6 +362,16 @@ def paired(a, b):
     return statistics.mean(diffs), half, len(diffs)
 
 FINALS_NAME = re.compile(r"(.+)-(trace|reversed)-s(\d+)")  # arm, order, seed
+ORDERS = {"trace": "TRACE's order", "reversed": "reversed order"}
+QUESTION = "I-LoRA (slow) - replay"
+
+def difference_row(title, a, b):
+    """The table line of a paired difference a - b, or none while fewer than two pairs exist."""
+    difference = paired(a, b)
+    if difference is None:
+        return []
+    mean, half, n = difference
+    return [f"| {title} | {n} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} |"]
 
 def report(root, data_dir=None, redraws=True):
     """The finals: each arm and learner's metrics (mean ± sd over seeds and orders), skill above the majority
@@ -398,7 +408,7 @@ def report(root, data_dir=None, redraws=True):
         ops[arm, learner] = {(order, seed): 100 * res["metrics"][learner]["OP"] for order, seed, _, res in members}
     # The ablation steps pair learners of one setting: with gamma 0 ilora's fast learner is replay at ilora's lr,
     # bit for bit, so "+ the slow learner" is that run's slow learner against its own fast one.
-    comparisons = [("I-LoRA (slow) - replay", ("ilora", "slow"), ("replay", "fast")),
+    comparisons = [(QUESTION, ("ilora", "slow"), ("replay", "fast")),
                    ("I-LoRA (slow) - seq", ("ilora", "slow"), ("seq", "fast")),
                    ("replay at ilora's lr (ilora gamma 0, fast) - replay", ("ilora-g0", "fast"), ("replay", "fast")),
                    ("+ the slow learner: ilora gamma 0, slow - fast", ("ilora-g0", "slow"), ("ilora-g0", "fast")),
@@ -411,10 +421,11 @@ def report(root, data_dir=None, redraws=True):
     for title, a, b in comparisons:
         if a not in ops or b not in ops:
             continue
-        difference = paired(ops[a], ops[b])
-        if difference:
-            mean, half, n = difference
-            differences.append(f"| {title} | {n} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} |")
+        differences += difference_row(title, ops[a], ops[b])
+        if title == QUESTION:  # the study's question, also in each task order on its own
+            for order, order_name in ORDERS.items():
+                in_order = [{key: op for key, op in ops[arm].items() if key[0] == order} for arm in (a, b)]
+                differences += difference_row(f"{title}, {order_name} only", *in_order)
     if differences:  # none until both arms of a comparison have two pairs
         lines += ["", "| OP difference, paired by seed and order | pairs | mean | 95 % interval |", "|---|---|---|---|"]
         lines += differences

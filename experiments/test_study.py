@@ -164,6 +164,9 @@ def test_the_report_pairs_arms_by_seed_and_order(tmp_path, monkeypatch):
     assert "ilora-trace" not in text and "| ilora | fast | 4 |" in text
     line = next(l for l in text.splitlines() if l.startswith("| I-LoRA (slow) - replay"))
     assert line.startswith("| I-LoRA (slow) - replay | 3 | +7.67 |")  # (10 + 6 + 7) / 3 points
+    in_trace_order = next(l for l in text.splitlines() if l.startswith("| I-LoRA (slow) - replay, TRACE's order"))
+    assert in_trace_order.startswith("| I-LoRA (slow) - replay, TRACE's order only | 2 | +8.50 |")  # (10 + 7) / 2
+    assert "reversed order only" not in text  # one pair in the reversed order: no interval
 
 def test_the_ablation_pairs_the_slow_learner_of_gamma_0_with_its_own_fast_one(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "majority_rows", lambda *args: [])
