@@ -365,13 +365,17 @@ FINALS_NAME = re.compile(r"(.+)-(trace|reversed)-s(\d+)")  # arm, order, seed
 ORDERS = {"trace": "TRACE's order", "reversed": "reversed order"}
 QUESTION = "I-LoRA (slow) - replay"
 
+def difference_cells(difference):
+    """The pairs, mean and 95 % interval of a paired difference as table cells."""
+    mean, half, n = difference
+    return f"{n} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f}"
+
 def difference_row(title, a, b):
     """The table line of a paired difference a - b, or none while fewer than two pairs exist."""
     difference = paired(a, b)
     if difference is None:
         return []
-    mean, half, n = difference
-    return [f"| {title} | {n} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} |"]
+    return [f"| {title} | {difference_cells(difference)} |"]
 
 def report(root, data_dir=None, redraws=True):
     """The finals: each arm and learner's metrics (mean ± sd over seeds and orders), skill above the majority
@@ -449,10 +453,8 @@ def redrawn(folder, runs):
     for (arm, learner), (now, before) in ops.items():
         difference = paired(now, before)
         if difference:
-            mean, half, n = difference
             spread = statistics.stdev(now[name] - before[name] for name in now)
-            lines.append(f"| {arm} | {learner} | {n} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} | "
-                         f"{spread:.2f} |")
+            lines.append(f"| {arm} | {learner} | {difference_cells(difference)} | {spread:.2f} |")
     if not lines:
         return []
     return ["", "| arm: OP now - OP on the former seeding, run for run | learner | runs | mean | 95 % interval | sd |",
