@@ -363,7 +363,6 @@ def paired(a, b):
 
 FINALS_NAME = re.compile(r"(.+)-(trace|reversed)-s(\d+)")  # arm, order, seed
 ORDERS = {"trace": "TRACE's order", "reversed": "reversed order"}
-QUESTION = "I-LoRA (slow) - replay"
 
 def difference_cells(difference):
     """The pairs, mean and 95 % interval of a paired difference as table cells."""
@@ -376,6 +375,14 @@ def difference_row(title, a, b):
     if difference is None:
         return []
     return [f"| {title} | {difference_cells(difference)} |"]
+
+def order_cell(a, b, order):
+    """The paired difference a - b over one task order's pairs as one table cell, or '-' under two pairs."""
+    difference = paired(*({key: op for key, op in ops.items() if key[0] == order} for ops in (a, b)))
+    if difference is None:
+        return "-"
+    mean, half, n = difference
+    return f"{mean:+.2f} ({mean - half:+.2f} to {mean + half:+.2f}), {n} pairs"
 
 def report(root, data_dir=None, redraws=True):
     """The finals: each arm and learner's metrics (mean ± sd over seeds and orders), skill above the majority
@@ -412,7 +419,7 @@ def report(root, data_dir=None, redraws=True):
         ops[arm, learner] = {(order, seed): 100 * res["metrics"][learner]["OP"] for order, seed, _, res in members}
     # The ablation steps pair learners of one setting: with gamma 0 ilora's fast learner is replay at ilora's lr,
     # bit for bit, so "+ the slow learner" is that run's slow learner against its own fast one.
-    comparisons = [(QUESTION, ("ilora", "slow"), ("replay", "fast")),
+    comparisons = [("I-LoRA (slow) - replay", ("ilora", "slow"), ("replay", "fast")),
                    ("I-LoRA (slow) - seq", ("ilora", "slow"), ("seq", "fast")),
                    ("replay at ilora's lr (ilora gamma 0, fast) - replay", ("ilora-g0", "fast"), ("replay", "fast")),
                    ("+ the slow learner: ilora gamma 0, slow - fast", ("ilora-g0", "slow"), ("ilora-g0", "fast")),
@@ -421,18 +428,20 @@ def report(root, data_dir=None, redraws=True):
                    ("former defaults lam 0.99, gamma 1 (slow) - ilora (slow)", ("ilora-old", "slow"),
                     ("ilora", "slow")),
                    ("best ilora overall (slow) - replay", ("ilora-best", "slow"), ("replay", "fast"))]
-    differences = []
+    differences, by_order = [], []
     for title, a, b in comparisons:
         if a not in ops or b not in ops:
             continue
         differences += difference_row(title, ops[a], ops[b])
-        if title == QUESTION:  # the study's question, also in each task order on its own
-            for order, order_name in ORDERS.items():
-                in_order = [{key: op for key, op in ops[arm].items() if key[0] == order} for arm in (a, b)]
-                differences += difference_row(f"{title}, {order_name} only", *in_order)
+        cells = [order_cell(ops[a], ops[b], order) for order in ORDERS]
+        if cells != ["-"] * len(ORDERS):
+            by_order.append(f"| {title} | " + " | ".join(cells) + " |")
     if differences:  # none until both arms of a comparison have two pairs
         lines += ["", "| OP difference, paired by seed and order | pairs | mean | 95 % interval |", "|---|---|---|---|"]
         lines += differences
+    if by_order:  # the same differences in each task order on its own: mean (95 % interval), pairs
+        lines += ["", "| OP difference in one task order, paired by seed | " + " | ".join(ORDERS.values()) + " |",
+                  "|---|---|---|", *by_order]
     return "\n".join(lines + (redrawn(folder, runs) if redraws else []))
 
 def redrawn(folder, runs):

@@ -164,9 +164,11 @@ def test_the_report_pairs_arms_by_seed_and_order(tmp_path, monkeypatch):
     assert "ilora-trace" not in text and "| ilora | fast | 4 |" in text
     line = next(l for l in text.splitlines() if l.startswith("| I-LoRA (slow) - replay"))
     assert line.startswith("| I-LoRA (slow) - replay | 3 | +7.67 |")  # (10 + 6 + 7) / 3 points
-    in_trace_order = next(l for l in text.splitlines() if l.startswith("| I-LoRA (slow) - replay, TRACE's order"))
-    assert in_trace_order.startswith("| I-LoRA (slow) - replay, TRACE's order only | 2 | +8.50 |")  # (10 + 7) / 2
-    assert "reversed order only" not in text  # one pair in the reversed order: no interval
+    by_order = text.split("in one task order")[1].splitlines()
+    assert by_order[0] == ", paired by seed | TRACE's order | reversed order |"
+    # TRACE's order: 10 and 7 points, mean 8.5, interval 8.5 +- 12.706 * 2.12 / sqrt(2); the reversed order has
+    # one pair (6 points), no interval
+    assert by_order[2] == "| I-LoRA (slow) - replay | +8.50 (-10.56 to +27.56), 2 pairs | - |"
 
 def test_the_ablation_pairs_the_slow_learner_of_gamma_0_with_its_own_fast_one(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "majority_rows", lambda *args: [])
