@@ -386,8 +386,8 @@ def order_cell(a, b, order):
 
 def report(root, data_dir=None, redraws=True):
     """The finals: each arm and learner's metrics (mean ± sd over seeds and orders), skill above the majority
-    answer at the end, the seed-paired differences that answer the study's question, and (redraws) each run against
-    its twin on the former seeding. Without data_dir (the tasks' gold answers) the skill column is left out:
+    answer at the end, the seed-paired differences that answer the study's question and its ablation (over both task
+    orders, then in each on its own), and (redraws) each run against its twin on the former seeding. Without data_dir (the tasks' gold answers) the skill column is left out:
     README.md's table, written where the data is not."""
     folder = pathlib.Path(root) / "finals"
     runs = load(folder.parent, folder.name)
