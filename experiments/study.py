@@ -387,8 +387,9 @@ def order_cell(a, b, order):
 def report(root, data_dir=None, redraws=True):
     """The finals: each arm and learner's metrics (mean ± sd over seeds and orders), skill above the majority
     answer at the end, the seed-paired differences that answer the study's question and its ablation (over both task
-    orders, then in each on its own), and (redraws) each run against its twin on the former seeding. Without data_dir (the tasks' gold answers) the skill column is left out:
-    README.md's table, written where the data is not."""
+    orders, then in each on its own), and (redraws) each run against its twin on the former seeding. Without
+    data_dir (the tasks' gold answers) the skill column is left out: README.md's table, written where the data is
+    not."""
     folder = pathlib.Path(root) / "finals"
     runs = load(folder.parent, folder.name)
     ops = {}  # (arm, learner) -> {(order, seed): OP}
@@ -441,7 +442,7 @@ def report(root, data_dir=None, redraws=True):
         lines += differences
     if by_order:  # the same differences in each task order on its own: mean (95 % interval), pairs
         lines += ["", "| OP difference in one task order, paired by seed | " + " | ".join(ORDERS.values()) + " |",
-                  "|---|---|---|", *by_order]
+                  "|---" * (1 + len(ORDERS)) + "|", *by_order]
     return "\n".join(lines + (redrawn(folder, runs) if redraws else []))
 
 def redrawn(folder, runs):
