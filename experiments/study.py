@@ -364,17 +364,22 @@ def paired(a, b):
 FINALS_NAME = re.compile(r"(.+)-(trace|reversed)-s(\d+)")  # arm, order, seed
 ORDERS = {"trace": "TRACE's order", "reversed": "reversed order"}
 
+def interval_cells(difference):
+    """The mean and 95 % interval of a paired difference as two table cells."""
+    mean, half, n = difference
+    return f"{mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f}"
+
 def difference_cells(difference):
     """The pairs, mean and 95 % interval of a paired difference as table cells."""
-    mean, half, n = difference
-    return f"{n} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f}"
+    return f"{difference[2]} | {interval_cells(difference)}"
 
 def difference_row(title, a, b):
-    """The table line of a paired difference a - b, or none while fewer than two pairs exist."""
-    difference = paired(a, b)
-    if difference is None:
+    """The table line of the paired differences a - b in OP and in BWT, or none while fewer than two pairs exist;
+    a and b map each metric to its {(order, seed): value}."""
+    op, bwt = (paired(a[metric], b[metric]) for metric in ("OP", "BWT"))
+    if op is None:
         return []
-    return [f"| {title} | {difference_cells(difference)} |"]
+    return [f"| {title} | {difference_cells(op)} | {interval_cells(bwt)} |"]
 
 def order_cell(a, b, order):
     """The paired difference a - b over one task order's pairs as one table cell, or '-' under two pairs."""
@@ -386,13 +391,13 @@ def order_cell(a, b, order):
 
 def report(root, data_dir=None, redraws=True):
     """The finals: each arm and learner's metrics (mean ± sd over seeds and orders), skill above the majority
-    answer at the end, the seed-paired differences that answer the study's question and its ablation (over both task
-    orders, then in each on its own), and (redraws) each run against its twin on the former seeding. Without
-    data_dir (the tasks' gold answers) the skill column is left out: README.md's table, written where the data is
-    not."""
+    answer at the end, the seed-paired differences that answer the study's question and its ablation (in OP and BWT
+    over both task orders, then in OP in each order on its own), and (redraws) each run against its twin on the former
+    seeding. Without data_dir (the tasks' gold answers) the skill column is left out: README.md's table, written where
+    the data is not."""
     folder = pathlib.Path(root) / "finals"
     runs = load(folder.parent, folder.name)
-    ops = {}  # (arm, learner) -> {(order, seed): OP}
+    scores = {}  # (arm, learner) -> {"OP" or "BWT": {(order, seed): value}}
     skill_header = " skill above the majority (C-STANCE, FOMC, ScienceQA) |" if data_dir else ""
     lines = ["| arm | learner | runs | OP | BWT | FWT | F |" + skill_header,
              "|---|---|---|---|---|---|---|" + ("---|" if data_dir else "")]
@@ -417,7 +422,8 @@ def report(root, data_dir=None, redraws=True):
                         skills[task].append(100 * skill)
             line += " " + ", ".join(f"{statistics.mean(v):+.1f}" if v else "-" for v in skills.values()) + " |"
         lines.append(line)
-        ops[arm, learner] = {(order, seed): 100 * res["metrics"][learner]["OP"] for order, seed, _, res in members}
+        scores[arm, learner] = {metric: {(order, seed): 100 * res["metrics"][learner][metric]
+                                         for order, seed, _, res in members} for metric in ("OP", "BWT")}
     # The ablation steps pair learners of one setting: with gamma 0 ilora's fast learner is replay at ilora's lr,
     # bit for bit, so "+ the slow learner" is that run's slow learner against its own fast one.
     comparisons = [("I-LoRA (slow) - replay", ("ilora", "slow"), ("replay", "fast")),
@@ -431,14 +437,15 @@ def report(root, data_dir=None, redraws=True):
                    ("best ilora overall (slow) - replay", ("ilora-best", "slow"), ("replay", "fast"))]
     differences, by_order = [], []
     for title, a, b in comparisons:
-        if a not in ops or b not in ops:
+        if a not in scores or b not in scores:
             continue
-        differences += difference_row(title, ops[a], ops[b])
-        cells = [order_cell(ops[a], ops[b], order) for order in ORDERS]
+        differences += difference_row(title, scores[a], scores[b])
+        cells = [order_cell(scores[a]["OP"], scores[b]["OP"], order) for order in ORDERS]
         if cells != ["-"] * len(ORDERS):
             by_order.append(f"| {title} | " + " | ".join(cells) + " |")
     if differences:  # none until both arms of a comparison have two pairs
-        lines += ["", "| OP difference, paired by seed and order | pairs | mean | 95 % interval |", "|---|---|---|---|"]
+        lines += ["", "| difference, paired by seed and order | pairs | OP | 95 % interval | BWT | 95 % interval |",
+                  "|---|---|---|---|---|---|"]
         lines += differences
     if by_order:  # the same differences in each task order on its own: mean (95 % interval), pairs
         lines += ["", "| OP difference in one task order, paired by seed | " + " | ".join(ORDERS.values()) + " |",

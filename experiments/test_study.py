@@ -122,12 +122,12 @@ def test_a_best_ilora_without_consistency_that_is_not_the_twin_gets_an_arm_of_it
     best = runs["ilora-best-trace-s1"]
     assert [best[best.index(f) + 1] for f in ("--lam", "--gamma")] == ["0.8", "0.0"]
 
-def write_run(folder, tasks, R, learners=("fast",), method="seq"):
-    """A finished run's results; R is every learner's, or {learner: its R}."""
+def write_run(folder, tasks, R, learners=("fast",), method="seq", bwt=-0.1):
+    """A finished run's results; R is every learner's, or {learner: its R}; bwt is every learner's BWT."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     Rs = R if isinstance(R, dict) else {learner: R for learner in learners}
-    metrics = {learner: {"OP": sum(Rs[learner][-1]) / len(Rs[learner][-1]), "BWT": -0.1, "FWT": 0.0, "F": 0.1}
+    metrics = {learner: {"OP": sum(Rs[learner][-1]) / len(Rs[learner][-1]), "BWT": bwt, "FWT": 0.0, "F": 0.1}
                for learner in learners}
     (folder / "results.json").write_text(json.dumps({"tasks": tasks, "learners": list(learners), "method": method,
                                                      "R": Rs, "metrics": metrics}))
@@ -148,22 +148,24 @@ def test_the_pilot_summary_reads_method_epochs_and_lr_from_the_names_and_gains_f
 def test_the_report_pairs_arms_by_seed_and_order(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "majority_rows", lambda *args: [])
     tasks = ["a", "b"]
-    for order, seed, ilora_op, replay_op in (("trace", 0, 0.40, 0.30), ("reversed", 0, 0.36, 0.30),
-                                             ("trace", 1, 0.38, 0.31), ("reversed", 3, 0.50, 0.10)):
+    runs = (("trace", 0, 0.40, 0.30, -0.08), ("reversed", 0, 0.36, 0.30, -0.1), ("trace", 1, 0.38, 0.31, -0.06),
+            ("reversed", 3, 0.50, 0.10, 0))  # order, seed, ilora's OP, replay's OP, ilora's BWT (replay's: -0.1)
+    for order, seed, ilora_op, replay_op, ilora_bwt in runs:
         write_run(tmp_path / "finals" / f"ilora-{order}-s{seed}", tasks, [[0, 0]] * 2 + [[ilora_op] * 2],
-                  ("slow", "fast"), "ilora")
+                  ("slow", "fast"), "ilora", ilora_bwt)
         if seed != 3:  # replay's seed-3 run is missing: its ilora run has no pair
             write_run(tmp_path / "finals" / f"replay-{order}-s{seed}", tasks, [[0, 0]] * 2 + [[replay_op] * 2])
     write_run(tmp_path / "finals" / "ilora-g0-reversed-s3", tasks, [[0, 0]] * 3, ("slow", "fast"), "ilora")
     write_run(tmp_path / "finals" / "ilora-trace-s0-old", tasks, [[0, 0]] * 3)  # not a finals name: left out
     text = study.report(tmp_path, "the data")
     assert "| arm | learner | runs | OP | BWT | FWT | F | skill above the majority" in text
-    assert "| ilora | slow | 4 | 41.00 ± 6.22 | -10.00 ± 0.00 | 0.00 ± 0.00 | 10.00 ± 0.00 | -, -, - |" in text
+    assert "| ilora | slow | 4 | 41.00 ± 6.22 | -6.00 ± 4.32 | 0.00 ± 0.00 | 10.00 ± 0.00 | -, -, - |" in text
     assert "skill" not in study.report(tmp_path)  # README.md's table: no gold answers needed
     assert "| ilora | slow | 4 |" in text and "| replay | fast | 3 |" in text and "| ilora-g0 | slow | 1 |" in text
     assert "ilora-trace" not in text and "| ilora | fast | 4 |" in text
     line = next(l for l in text.splitlines() if l.startswith("| I-LoRA (slow) - replay"))
-    assert line.startswith("| I-LoRA (slow) - replay | 3 | +7.67 |")  # (10 + 6 + 7) / 3 points
+    # OP: 10, 6 and 7 points, mean 7.67 +- 4.303 * 2.08 / sqrt(3); BWT: 2, 0 and 4 points, 2.00 +- 4.303 * 2 / sqrt(3)
+    assert line == "| I-LoRA (slow) - replay | 3 | +7.67 | +2.50 to +12.84 | +2.00 | -2.97 to +6.97 |"
     by_order = text.split("in one task order")[1].splitlines()
     assert by_order[0] == ", paired by seed | TRACE's order | reversed order |"
     # TRACE's order: 10 and 7 points, mean 8.5, interval 8.5 +- 12.706 * 2.12 / sqrt(2); the reversed order has
@@ -173,7 +175,7 @@ def test_the_report_pairs_arms_by_seed_and_order(tmp_path, monkeypatch):
 def test_the_ablation_pairs_the_slow_learner_of_gamma_0_with_its_own_fast_one(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "majority_rows", lambda *args: [])
     for order, seed, slow_op, fast_op in (("trace", 0, 0.40, 0.30), ("reversed", 0, 0.35, 0.33)):
-        assert "OP difference" not in study.report(tmp_path)  # no comparison has two pairs yet: no paired table
+        assert "paired by seed and order" not in study.report(tmp_path)  # no comparison has two pairs: no table
         write_run(tmp_path / "finals" / f"ilora-g0-{order}-s{seed}", ["a"],
                   {"slow": [[0], [slow_op]], "fast": [[0], [fast_op]]}, ("slow", "fast"), "ilora")
     text = study.report(tmp_path, None)
