@@ -389,8 +389,13 @@ def order_cell(a, b, order):
     mean, half, n = difference
     return f"{mean:+.2f} ({mean - half:+.2f} to {mean + half:+.2f}), {n} pairs"
 
+def learning_accuracy(R):
+    """LA: the mean score on each task right after its own training, R[t][t]; with OP and BWT it says whether a
+    method ends low by forgetting or by learning less in the first place."""
+    return statistics.mean(R[t][t - 1] for t in range(1, len(R)))
+
 def report(root, data_dir=None, redraws=True):
-    """The finals: each arm and learner's metrics (mean ± sd over seeds and orders), skill above the majority
+    """The finals: each arm and learner's metrics and LA (mean ± sd over seeds and orders), skill above the majority
     answer at the end, the seed-paired differences that answer the study's question and its ablation (in OP and BWT
     over both task orders, then in OP in each order on its own), and (redraws) each run against its twin on the former
     seeding. Without data_dir (the tasks' gold answers) the skill column is left out: README.md's table, written where
@@ -399,8 +404,8 @@ def report(root, data_dir=None, redraws=True):
     runs = load(folder.parent, folder.name)
     scores = {}  # (arm, learner) -> {"OP" or "BWT": {(order, seed): value}}
     skill_header = " skill above the majority (C-STANCE, FOMC, ScienceQA) |" if data_dir else ""
-    lines = ["| arm | learner | runs | OP | BWT | FWT | F |" + skill_header,
-             "|---|---|---|---|---|---|---|" + ("---|" if data_dir else "")]
+    lines = ["| arm | learner | runs | OP | BWT | FWT | F | LA |" + skill_header,
+             "|---|---|---|---|---|---|---|---|" + ("---|" if data_dir else "")]
     groups = {}
     majority = {}  # run -> its majority_rows, read once for both of its learners
     for name, res in runs.items():
@@ -413,6 +418,7 @@ def report(root, data_dir=None, redraws=True):
             groups.setdefault((arm, learner), []).append((order, seed, name, res))
     for (arm, learner), members in groups.items():
         cells = [mean_sd([res["metrics"][learner][key] for *_, res in members]) for key in ("OP", "BWT", "FWT", "F")]
+        cells.append(mean_sd([learning_accuracy(res["R"][learner]) for *_, res in members]))
         line = f"| {arm} | {learner} | {len(members)} | " + " | ".join(cells) + " |"
         if data_dir:
             skills = {task: [] for task in CHOICE_TASKS}

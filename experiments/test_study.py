@@ -158,8 +158,10 @@ def test_the_report_pairs_arms_by_seed_and_order(tmp_path, monkeypatch):
     write_run(tmp_path / "finals" / "ilora-g0-reversed-s3", tasks, [[0, 0]] * 3, ("slow", "fast"), "ilora")
     write_run(tmp_path / "finals" / "ilora-trace-s0-old", tasks, [[0, 0]] * 3)  # not a finals name: left out
     text = study.report(tmp_path, "the data")
-    assert "| arm | learner | runs | OP | BWT | FWT | F | skill above the majority" in text
-    assert "| ilora | slow | 4 | 41.00 ± 6.22 | -6.00 ± 4.32 | 0.00 ± 0.00 | 10.00 ± 0.00 | -, -, - |" in text
+    assert "| arm | learner | runs | OP | BWT | FWT | F | LA | skill above the majority" in text
+    # LA: the mean of R[1][0] = 0 and R[2][1] = ilora's OP, so 20, 18, 19 and 25 points
+    assert ("| ilora | slow | 4 | 41.00 ± 6.22 | -6.00 ± 4.32 | 0.00 ± 0.00 | 10.00 ± 0.00 | 20.50 ± 3.11 | -, -, - |"
+            in text)
     assert "skill" not in study.report(tmp_path)  # README.md's table: no gold answers needed
     assert "| ilora | slow | 4 |" in text and "| replay | fast | 3 |" in text and "| ilora-g0 | slow | 1 |" in text
     assert "ilora-trace" not in text and "| ilora | fast | 4 |" in text
