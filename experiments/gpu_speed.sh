@@ -16,6 +16,7 @@
 #                                         (N=4: 4 runs an arm; EPOCHS=2: 160 steps a run instead of 240)
 #   bash experiments/gpu_speed.sh equal   # the evaluation pass at equal settings (batch 100): the baseline
 #                                         ilora.py (send .baseline: git show b7808ed:ilora.py) and this one
+#                                         (VERSIONS=new or VERSIONS=baseline for one of them)
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 M=/root/ilora-model/smollm2-135m-instruct; D=/root/ilora-data/trace_500
@@ -37,7 +38,7 @@ case "$1" in
            tail -n 3 "$OUT/e2e_$v.log"
          done ;;
   equal)
-    for v in baseline new; do
+    for v in ${VERSIONS:-baseline new}; do
       src=(); [ $v = baseline ] && src=(--ilora .baseline/ilora.py)
       python3 experiments/bench.py --models smollm2,llama2-7b --smollm2-path $M --methods ilora --steps 5 --warmup 2 \
         --eval-batch 100 "${src[@]}" --out "$OUT/equal_$v.json" > "$OUT/equal_$v.log" 2>&1 || true
