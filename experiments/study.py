@@ -390,8 +390,8 @@ def order_cell(a, b, order):
     return f"{mean:+.2f} ({mean - half:+.2f} to {mean + half:+.2f}), {n} pairs"
 
 def learning_accuracy(R):
-    """LA: the mean score on each task right after its own training, R[t][t]; with OP and BWT it says whether a
-    method ends low by forgetting or by learning less in the first place."""
+    """LA: the mean score on each task right after its own training, task t's column in row t of R; with OP and BWT
+    it says whether a method ends low by forgetting or by learning less in the first place."""
     return statistics.mean(R[t][t - 1] for t in range(1, len(R)))
 
 def report(root, data_dir=None, redraws=True):
