@@ -738,12 +738,25 @@ def merged(model, learner):
 # GPT-Neo's local attention counts its window in cache slots, so a static cache's padding changes the answers.
 STATIC_CACHE_WRONG = {"gpt_neo"}
 
+# A static cache has one shape, so transformers compiles the decoding step once a run. On an H200 that took 35 to 40 s
+# and then saved about 1 s a batch of 100 (SmolLM2 and a Llama-2-7B shape; experiments/BENCHMARKS.md).
+STATIC_CACHE_MIN_BATCHES = 50
+
 def static_cache(model):
     return model.device.type == "cuda" and model.config.model_type not in STATIC_CACHE_WRONG
 
-def predict(model, tok, tasks, cfg, gen_lens, learner):
+def static_cache_rows(model, tasks, cfg, n_learners):
+    """The static cache's rows for this run's scoring, or 0 for a dynamic cache: static where it suits the model and
+    the batches one process decodes over the whole run (at least this many) repay the compiling."""
+    prompts = sum(len(task[cfg.eval_split]) for task in tasks.values())
+    passes = 1 + n_learners * (len(tasks) if cfg.eval_every_task else 1)  # the base model, then after the tasks
+    batches = passes * math.ceil(prompts / cfg.eval_batch_size) / WORLD
+    return cfg.eval_batch_size if static_cache(model) and batches >= STATIC_CACHE_MIN_BATCHES else 0
+
+def predict(model, tok, tasks, cfg, gen_lens, learner, static_rows=0):
     """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Prompts of one generation length, sorted by
-    length, make the batches; process k decodes batches k, k + WORLD, ...: no answer depends on WORLD."""
+    length, make the batches; process k decodes batches k, k + WORLD, ...: no answer depends on WORLD.
+    static_rows: see static_cache_rows()."""
     jobs = []  # (generation length, the prompts' indices in `prompts`)
     prompts = [record["prompt"] for name in tasks for record in tasks[name][cfg.eval_split]]
     n_new = [gen_lens[name] for name in tasks for _ in tasks[name][cfg.eval_split]]
@@ -753,7 +766,6 @@ def predict(model, tok, tasks, cfg, gen_lens, learner):
         for start in range(0, len(group), cfg.eval_batch_size):
             jobs.append((length, group[start: start + cfg.eval_batch_size]))
     answers = {}
-    static_rows = cfg.eval_batch_size if static_cache(model) else 0
     model.eval()  # train_task switches training back on
     with merged(model, learner):
         for length, batch in tqdm(jobs[RANK::WORLD], desc=f"scoring the {learner} learner", leave=False,
@@ -1100,17 +1112,18 @@ def run(cfg):
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device)
     layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
+    learners = ["fast"]
+    if cfg.method == "ilora":
+        learners = ["slow", "fast"] if cfg.eval_learner == "both" else [cfg.eval_learner]
+    static_rows = static_cache_rows(model, tasks, cfg, len(learners))
     fingerprints = saved["fingerprint"] if cfg.resume else from_rank_zero(lambda: fingerprint(cfg, tasks))
     write_json(out / "config.json", {**dataclasses.asdict(cfg), "machine": machine(device),
-                                     "kv_cache": "static" if static_cache(model) else "dynamic",
+                                     "kv_cache": "static" if static_rows else "dynamic",
                                      "fingerprint": fingerprints})
     if WORLD > 1:  # rank 0's initial learners on every process, whatever draws loading the model made on each
         for tensor in fast_tensors(layers) + slow_tensors(layers):
             torch.distributed.broadcast(tensor.data, src=0)
     train, gen_lens = encode_tasks(tok, tasks, cfg)
-    learners = ["fast"]
-    if cfg.method == "ilora":
-        learners = ["slow", "fast"] if cfg.eval_learner == "both" else [cfg.eval_learner]
     buffer = ReplayBuffer(cfg.buffer_size, cfg.seed)
     state = {"done": 0, "step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0, "predictions": []}  # done: tasks
     R = {learner: [None] * (len(names) + 1) for learner in learners}
@@ -1124,7 +1137,7 @@ def run(cfg):
     def score_row(t):
         start = time.time()
         for learner in learners[:1] if t == 0 else learners:  # before training, every learner is the base model
-            preds = predict(model, tok, tasks, cfg, gen_lens, learner)
+            preds = predict(model, tok, tasks, cfg, gen_lens, learner, static_rows)
             for k in learners if t == 0 else [learner]:
                 R[k][t] = score(tasks, preds, metrics, cfg.eval_split)
                 state["predictions"] += [{"task": name, "split": cfg.eval_split, "row": t, "learner": k,

@@ -651,6 +651,23 @@ def test_static_cache_gives_the_unpadded_answers_on_every_architecture_it_is_use
     static = ilora.generate(model, tok, PROMPTS, 6, max_len=24, static_rows=8)
     assert (static == alone) == (model_type not in ilora.STATIC_CACHE_WRONG)  # where it is wrong, it is not used
 
+def test_a_run_compiles_for_the_static_cache_only_when_it_decodes_enough_batches_to_repay_it(monkeypatch):
+    model = tiny_model("llama")
+    tasks = {f"t{k}": {"test": [{}] * 100} for k in range(8)}  # TRACE-8's shape: 800 test prompts
+    cfg = ilora.Config(eval_batch_size=100)
+    assert ilora.static_cache_rows(model, tasks, cfg, 2) == 0  # a CPU: never
+    monkeypatch.setattr(ilora, "static_cache", lambda model: True)  # as on a GPU
+    assert ilora.static_cache_rows(model, tasks, cfg, 2) == 100  # 8 batches, 17 passes: 136 >= 50
+    assert ilora.static_cache_rows(model, tasks, cfg, 1) == 100  # 9 passes: 72
+    few = {name: {"test": splits["test"][:20]} for name, splits in tasks.items()}
+    assert ilora.static_cache_rows(model, few, cfg, 2) == 0  # 160 prompts, 2 batches a pass: 34
+    assert ilora.static_cache_rows(model, few, ilora.Config(eval_batch_size=50), 2) == 50  # 4 a pass: 68
+    once = ilora.Config(eval_batch_size=100, eval_every_task=False)
+    assert ilora.static_cache_rows(model, tasks, once, 2) == 0  # the base model and the end: 3 passes, 24
+    monkeypatch.setattr(ilora, "WORLD", 2)
+    assert ilora.static_cache_rows(model, tasks, cfg, 2) == 100  # each process decodes half of 136: 68
+    assert ilora.static_cache_rows(model, tasks, cfg, 1) == 0  # half of 72: 36
+
 def test_scoring_is_greedy_whatever_generation_settings_the_checkpoint_ships(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     prompts = ["what colour is the sky", "the cat is"]

@@ -16,15 +16,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora
 import ilora
 
 def timed_predict(model, tok, tasks, cfg, gen_lens, static):
-    wrong = set(ilora.STATIC_CACHE_WRONG)
-    if not static:  # route this model type to the dynamic cache, as for GPT-Neo
-        ilora.STATIC_CACHE_WRONG.add(model.config.model_type)
     torch.cuda.synchronize()
     start = time.time()
-    preds = ilora.predict(model, tok, tasks, cfg, gen_lens, "fast")
+    preds = ilora.predict(model, tok, tasks, cfg, gen_lens, "fast", cfg.eval_batch_size if static else 0)
     torch.cuda.synchronize()
-    ilora.STATIC_CACHE_WRONG.clear()
-    ilora.STATIC_CACHE_WRONG.update(wrong)
     return time.time() - start, [p for name in tasks for p in preds[name]]
 
 def main():

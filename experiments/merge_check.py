@@ -20,7 +20,8 @@ import ilora
 TRACE8 = "C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten"
 
 def predict(model, layers, tok, tasks, cfg, gen_lens, learner, merge):
-    """ilora.predict through the merged path, or with its merge replaced by switching the wrappers' learner."""
+    """ilora.predict through the merged path, or with its merge replaced by switching the wrappers' learner; both
+    with ilora.predict's default dynamic cache, so that only the merge differs."""
     real = ilora.merged
     if not merge:
         ilora.merged = lambda model, learner: ilora.use_learner(layers, learner)
@@ -74,7 +75,6 @@ def main():
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(model.dtype),
               "trained_on": first, "steps": state["step"], "train_s": round(time.time() - start, 1),
               "prompts": sum(len(s["eval"]) for s in tasks.values())}
-    ilora.STATIC_CACHE_WRONG.add(model.config.model_type)  # the dynamic cache on both paths: only the merge differs
     for learner in ("slow", "fast"):
         answers, rows = {}, {}
         for merge in (True, False):
