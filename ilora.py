@@ -499,6 +499,7 @@ class Config:
     eval_learner: str = opt("slow", "learner scored for ilora: slow | fast | both (seq/replay have only fast)")
     eval_every_task: bool = opt(True, "score all tasks after every task; off: the base model and the end only")
     eval_batch_size: int = opt(32, "prompts per generation batch")
+    kv_cache: str = opt("auto", "scoring on a GPU: static (compiled once a run) | dynamic | auto: static if it repays")
     max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
@@ -517,7 +518,8 @@ def result_changing(saved, cfg):
 AT_LEAST = {"r": 1, "epochs": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "max_len": 8, "warmup": 0,
             "max_train": 0, "max_eval": 0, "max_test": 0, "buffer_size": 0}
 CHOICES = {"method": ("seq", "replay", "ilora"), "eval_split": ("test", "eval"),
-           "eval_learner": ("slow", "fast", "both"), "device": ("auto", "cpu", "cuda")}
+           "eval_learner": ("slow", "fast", "both"), "device": ("auto", "cpu", "cuda"),
+           "kv_cache": ("auto", "static", "dynamic")}
 
 def require(cfg, name, ok, allowed):
     if not ok:
@@ -738,20 +740,24 @@ def merged(model, learner):
 # GPT-Neo's local attention counts its window in cache slots, so a static cache's padding changes the answers.
 STATIC_CACHE_WRONG = {"gpt_neo"}
 
-# A static cache has one shape, so transformers compiles the decoding step once a run. On an H200 that took 35 to 40 s
-# and then saved about 1 s a batch of 100 (SmolLM2 and a Llama-2-7B shape; experiments/BENCHMARKS.md).
+# A static cache has one shape, so transformers compiles the decoding step once a run. On an H200 the first batch of
+# 100 then took about 32 s more than with a dynamic cache and each later one about 1 s less (64 new tokens; SmolLM2
+# and a Llama-2-7B shape, experiments/BENCHMARKS.md): repaid after some 35 batches, later with shorter answers.
 STATIC_CACHE_MIN_BATCHES = 50
 
 def static_cache(model):
     return model.device.type == "cuda" and model.config.model_type not in STATIC_CACHE_WRONG
 
 def static_cache_rows(model, tasks, cfg, n_learners):
-    """The static cache's rows for this run's scoring, or 0 for a dynamic cache: static where it suits the model and
-    the batches one process decodes over the whole run (at least this many) repay the compiling."""
+    """The static cache's rows for this run's scoring, or 0 for a dynamic cache. Where the static cache suits the
+    model, --kv-cache auto takes it when the batches the run decodes (no fewer than counted here) repay the compiling.
+    Not per process: the cache changes answers in bf16, and R must not depend on the number of processes."""
+    if cfg.kv_cache == "dynamic" or not static_cache(model):
+        return 0
     prompts = sum(len(task[cfg.eval_split]) for task in tasks.values())
     passes = 1 + n_learners * (len(tasks) if cfg.eval_every_task else 1)  # the base model, then after the tasks
-    batches = passes * math.ceil(prompts / cfg.eval_batch_size) / WORLD
-    return cfg.eval_batch_size if static_cache(model) and batches >= STATIC_CACHE_MIN_BATCHES else 0
+    batches = passes * math.ceil(prompts / cfg.eval_batch_size)
+    return cfg.eval_batch_size if cfg.kv_cache == "static" or batches >= STATIC_CACHE_MIN_BATCHES else 0
 
 def predict(model, tok, tasks, cfg, gen_lens, learner, static_rows=0):
     """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Prompts of one generation length, sorted by
@@ -1118,7 +1124,7 @@ def run(cfg):
     static_rows = static_cache_rows(model, tasks, cfg, len(learners))
     fingerprints = saved["fingerprint"] if cfg.resume else from_rank_zero(lambda: fingerprint(cfg, tasks))
     write_json(out / "config.json", {**dataclasses.asdict(cfg), "machine": machine(device),
-                                     "kv_cache": "static" if static_rows else "dynamic",
+                                     "kv_cache_used": "static" if static_rows else "dynamic",
                                      "fingerprint": fingerprints})
     if WORLD > 1:  # rank 0's initial learners on every process, whatever draws loading the model made on each
         for tensor in fast_tensors(layers) + slow_tensors(layers):

@@ -664,9 +664,10 @@ def test_a_run_compiles_for_the_static_cache_only_when_it_decodes_enough_batches
     assert ilora.static_cache_rows(model, few, ilora.Config(eval_batch_size=50), 2) == 50  # 4 a pass: 68
     once = ilora.Config(eval_batch_size=100, eval_every_task=False)
     assert ilora.static_cache_rows(model, tasks, once, 2) == 0  # the base model and the end: 3 passes, 24
-    monkeypatch.setattr(ilora, "WORLD", 2)
-    assert ilora.static_cache_rows(model, tasks, cfg, 2) == 100  # each process decodes half of 136: 68
-    assert ilora.static_cache_rows(model, tasks, cfg, 1) == 0  # half of 72: 36
+    assert ilora.static_cache_rows(model, few, ilora.Config(eval_batch_size=100, kv_cache="static"), 2) == 100
+    assert ilora.static_cache_rows(model, tasks, ilora.Config(eval_batch_size=100, kv_cache="dynamic"), 2) == 0
+    monkeypatch.setattr(ilora, "WORLD", 8)  # each process decodes 9 of the 72 batches, but the answers of a run
+    assert ilora.static_cache_rows(model, tasks, cfg, 1) == 100  # must not depend on the number of processes
 
 def test_scoring_is_greedy_whatever_generation_settings_the_checkpoint_ships(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
@@ -1043,7 +1044,7 @@ def test_resume_refuses_another_kind_of_machine(tmp_path, model_dir, capsys):
     config = tmp_path / "out" / "config.json"
     saved = json.loads(config.read_text())
     assert saved["machine"] == {"device": "cpu", "dtype": "float32", "processes": 1}
-    assert saved["kv_cache"] == "dynamic"
+    assert saved["kv_cache"] == "auto" and saved["kv_cache_used"] == "dynamic"
     config.write_text(json.dumps({**saved, "machine": {"device": "cuda", "dtype": "bfloat16", "processes": 1}}))
     with pytest.raises(SystemExit) as e:
         ilora.main(args + ["--resume"])

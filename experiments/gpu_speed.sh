@@ -72,7 +72,7 @@ print('compiled runs: R', 'identical' if R[0] == R[1] else 'differ', '| all', le
     fi
     SHORT="--data-dir $D --model $M --tasks MeetingBank,Py150 --epochs ${EPOCHS:-3} --max-train 320 --batch-size 8
            --max-len 768 --max-new-tokens 64 --eval-split eval --max-eval 20 --no-eval-every-task --eval-batch-size 100
-           --method ilora --lr 1e-3 --lam 0.9 --gamma 0.1"
+           --kv-cache static --method ilora --lr 1e-3 --lam 0.9 --gamma 0.1"
     N=${N:-12}
     arm() {  # GPU NAME SCRIPT
       local gpu=$1 name=$2 script=$3
