@@ -750,8 +750,9 @@ def static_cache(model):
 
 def static_cache_rows(model, tasks, cfg, n_learners):
     """The static cache's rows for this run's scoring, or 0 for a dynamic cache. Where the static cache suits the
-    model, --kv-cache auto takes it when the batches the run decodes (no fewer than counted here) repay the compiling.
-    Not per process: the cache changes answers in bf16, and R must not depend on the number of processes."""
+    model, --kv-cache auto takes it when the batches the run decodes repay the compiling (counted from below: tasks
+    of different answer lengths never share a batch). Not per process: the cache changes answers in bf16, and R
+    must not depend on the number of processes."""
     if cfg.kv_cache == "dynamic" or not static_cache(model):
         return 0
     prompts = sum(len(task[cfg.eval_split]) for task in tasks.values())

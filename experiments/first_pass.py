@@ -17,7 +17,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import ilora
 from bench import ARCHS, build_model
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama2-7b", help="a bench.py shape (random weights) or a model folder")
     p.add_argument("--passes", type=int, default=3)
@@ -27,7 +27,7 @@ def main():
     p.add_argument("--dynamic-cache", action="store_true", help="no static cache and so no compiling, as on a CPU")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (dynamic cache)")
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
