@@ -723,7 +723,7 @@ TASK_METRICS = {"C-STANCE": "exact", "FOMC": "exact", "NumGLUE-cm": "exact", "Nu
                 "ScienceQA": "first_char", "MeetingBank": "rouge_l", "Py150": "py150", "20Minuten": "sari"}
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation: each learner is scored merged into plain layers, with a static KV cache on a GPU.
+# Evaluation: each learner is scored merged into plain layers; on a GPU, with a static KV cache where it pays.
 
 @contextlib.contextmanager
 def merged(model, learner):
