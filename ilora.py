@@ -499,7 +499,7 @@ class Config:
     eval_learner: str = opt("slow", "learner scored for ilora: slow | fast | both (seq/replay have only fast)")
     eval_every_task: bool = opt(True, "score all tasks after every task; off: the base model and the end only")
     eval_batch_size: int = opt(32, "prompts per generation batch")
-    kv_cache: str = opt("auto", "scoring on a GPU: static (compiled once a run) | dynamic | auto: static if it repays")
+    kv_cache: str = opt("auto", "GPU scoring: static (compiled once a run) | dynamic | auto: static from 50 batches")
     max_new_tokens: int = opt(256, "generation cap; each task uses its longest train answer + 8 tokens, up to this")
     seed: int = opt(0, "seed for data order, buffer, dropout and LoRA init")
     device: str = opt("auto", "auto | cpu | cuda")
@@ -510,10 +510,11 @@ class Config:
         self.out = self.out or f"runs/{self.method}"  # the methods' runs side by side, as the README runs them
 
 RESUMABLE = {"out", "overwrite", "resume", "log_every"}  # may change on --resume: they change no number
+DECIDING = {"kv_cache"}  # compared by the cache it chose (kv_cache_used), which check_inputs checks
 
 def result_changing(saved, cfg):
     """Names of the settings in which cfg differs from a saved config.json in a way that changes the result."""
-    return [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
+    return [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE | DECIDING and saved.get(k) != v]
 
 AT_LEAST = {"r": 1, "epochs": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "max_len": 8, "warmup": 0,
             "max_train": 0, "max_eval": 0, "max_test": 0, "buffer_size": 0}
@@ -745,16 +746,17 @@ STATIC_CACHE_WRONG = {"gpt_neo"}
 # and a Llama-2-7B shape, experiments/BENCHMARKS.md): repaid after some 35 batches, later with shorter answers.
 STATIC_CACHE_MIN_BATCHES = 50
 
-def static_cache(model):
-    return model.device.type == "cuda" and model.config.model_type not in STATIC_CACHE_WRONG
+def static_cache(device, model_type):
+    return device.type == "cuda" and model_type not in STATIC_CACHE_WRONG
 
-def static_cache_rows(model, tasks, cfg, n_learners):
-    """The static cache's rows for this run's scoring, or 0 for a dynamic cache. Where the static cache suits the
-    model, --kv-cache auto takes it when the batches the run decodes repay the compiling (counted from below: tasks
-    of different answer lengths never share a batch). Not per process: the cache changes answers in bf16, and R
-    must not depend on the number of processes."""
-    if cfg.kv_cache == "dynamic" or not static_cache(model):
+def static_cache_rows(device, model_type, tasks, cfg):
+    """The static cache's rows for this run's scoring, or 0 for a dynamic cache (on a CPU, for GPT-Neo, and with
+    --kv-cache dynamic). --kv-cache auto takes it when the batches the run decodes repay the compiling (counted from
+    below: tasks of different answer lengths never share a batch). Not per process: the cache changes answers in
+    bf16, and R must not depend on the number of processes."""
+    if cfg.kv_cache == "dynamic" or not static_cache(device, model_type):
         return 0
+    n_learners = 2 if cfg.method == "ilora" and cfg.eval_learner == "both" else 1
     prompts = sum(len(task[cfg.eval_split]) for task in tasks.values())
     passes = 1 + n_learners * (len(tasks) if cfg.eval_every_task else 1)  # the base model, then after the tasks
     batches = passes * math.ceil(prompts / cfg.eval_batch_size)
@@ -922,6 +924,7 @@ def check_model(cfg):
         model = AutoModelForCausalLM.from_config(config)
         inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha)
     transformer_blocks(model.base_model)  # every training step hooks them
+    return config.model_type
 
 def lora_targets(cfg):
     return [target.strip() for target in cfg.targets.split(",") if target.strip()] or None
@@ -1076,15 +1079,19 @@ def check_inputs(cfg, device):
         raise UsageError(f"{out} already holds results; pass --overwrite or --resume, or choose another --out")
     tasks = load_tasks(cfg)
     metrics = {name: TASK_METRICS.get(name, "em") for name in tasks}  # TRACE's, else the lenient one
-    check_model(cfg)
+    static_rows = static_cache_rows(device, check_model(cfg), tasks, cfg)
     if cfg.resume:
         fingerprints = from_rank_zero(lambda: fingerprint(cfg, tasks))
         changed = [k for k, v in fingerprints.items() if saved.get("fingerprint", {}).get(k) != v]
         if changed:
             raise UsageError(f"--resume: the inputs changed since the run began ({', '.join(changed)}); start it "
                              f"again with --overwrite, or restore them")
+        began = saved.get("kv_cache_used", saved.get("kv_cache"))  # "kv_cache" before there was an option
+        if began not in (None, "static" if static_rows else "dynamic"):
+            raise UsageError(f"--resume with settings that change the result: the run began with the {began} KV "
+                             f"cache; pass --kv-cache {began}")
     check_out(cfg)
-    return tasks, metrics, saved, checkpoint
+    return tasks, metrics, saved, checkpoint, static_rows
 
 def encode_tasks(tok, tasks, cfg):
     """Each task's training examples (ids, n_prompt) and generation length (longest answer + 8, <= --max-new-tokens)."""
@@ -1111,7 +1118,7 @@ def run(cfg):
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: this process's GPU
     init_distributed(device)  # before the inputs are checked: rank 0 hashes the model for every process
-    tasks, metrics, saved, checkpoint = check_inputs(cfg, device)
+    tasks, metrics, saved, checkpoint, static_rows = check_inputs(cfg, device)
     names = list(tasks)
     out = pathlib.Path(cfg.out)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -1119,10 +1126,6 @@ def run(cfg):
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device)
     layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
-    learners = ["fast"]
-    if cfg.method == "ilora":
-        learners = ["slow", "fast"] if cfg.eval_learner == "both" else [cfg.eval_learner]
-    static_rows = static_cache_rows(model, tasks, cfg, len(learners))
     fingerprints = saved["fingerprint"] if cfg.resume else from_rank_zero(lambda: fingerprint(cfg, tasks))
     write_json(out / "config.json", {**dataclasses.asdict(cfg), "machine": machine(device),
                                      "kv_cache_used": "static" if static_rows else "dynamic",
@@ -1131,6 +1134,9 @@ def run(cfg):
         for tensor in fast_tensors(layers) + slow_tensors(layers):
             torch.distributed.broadcast(tensor.data, src=0)
     train, gen_lens = encode_tasks(tok, tasks, cfg)
+    learners = ["fast"]
+    if cfg.method == "ilora":
+        learners = ["slow", "fast"] if cfg.eval_learner == "both" else [cfg.eval_learner]
     buffer = ReplayBuffer(cfg.buffer_size, cfg.seed)
     state = {"done": 0, "step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0, "predictions": []}  # done: tasks
     R = {learner: [None] * (len(names) + 1) for learner in learners}

@@ -652,22 +652,40 @@ def test_static_cache_gives_the_unpadded_answers_on_every_architecture_it_is_use
     assert (static == alone) == (model_type not in ilora.STATIC_CACHE_WRONG)  # where it is wrong, it is not used
 
 def test_a_run_compiles_for_the_static_cache_only_when_it_decodes_enough_batches_to_repay_it(monkeypatch):
-    model = tiny_model("llama")
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # only their type is read
     tasks = {f"t{k}": {"test": [{}] * 100} for k in range(8)}  # TRACE-8's shape: 800 test prompts
-    cfg = ilora.Config(eval_batch_size=100)
-    assert ilora.static_cache_rows(model, tasks, cfg, 2) == 0  # a CPU: never
-    monkeypatch.setattr(ilora, "static_cache", lambda model: True)  # as on a GPU
-    assert ilora.static_cache_rows(model, tasks, cfg, 2) == 100  # 8 batches, 17 passes: 136 >= 50
-    assert ilora.static_cache_rows(model, tasks, cfg, 1) == 100  # 9 passes: 72
+    both = ilora.Config(eval_batch_size=100, eval_learner="both")
+    assert ilora.static_cache_rows(cpu, "llama", tasks, both) == 0  # a CPU: never
+    assert ilora.static_cache_rows(gpu, "gpt_neo", tasks, both) == 0  # a model it answers wrongly for: never
+    assert ilora.static_cache_rows(gpu, "llama", tasks, both) == 100  # 8 batches, 17 passes: 136 >= 50
+    assert ilora.static_cache_rows(gpu, "llama", tasks, ilora.Config(eval_batch_size=100)) == 100  # 9 passes: 72
     few = {name: {"test": splits["test"][:20]} for name, splits in tasks.items()}
-    assert ilora.static_cache_rows(model, few, cfg, 2) == 0  # 160 prompts, 2 batches a pass: 34
-    assert ilora.static_cache_rows(model, few, ilora.Config(eval_batch_size=50), 2) == 50  # 4 a pass: 68
-    once = ilora.Config(eval_batch_size=100, eval_every_task=False)
-    assert ilora.static_cache_rows(model, tasks, once, 2) == 0  # the base model and the end: 3 passes, 24
-    assert ilora.static_cache_rows(model, few, ilora.Config(eval_batch_size=100, kv_cache="static"), 2) == 100
-    assert ilora.static_cache_rows(model, tasks, ilora.Config(eval_batch_size=100, kv_cache="dynamic"), 2) == 0
+    assert ilora.static_cache_rows(gpu, "llama", few, both) == 0  # 160 prompts, 2 batches a pass: 34
+    assert ilora.static_cache_rows(gpu, "llama", few, ilora.Config(eval_batch_size=50, eval_learner="both")) == 50
+    once = ilora.Config(eval_batch_size=100, eval_learner="both", eval_every_task=False)
+    assert ilora.static_cache_rows(gpu, "llama", tasks, once) == 0  # the base model and the end: 3 passes, 24
+    one = {"t": {"test": [{}] * 100}}  # 2 passes (the base model, then after the task)
+    assert ilora.static_cache_rows(gpu, "llama", one, ilora.Config(eval_batch_size=4)) == 4  # 25 a pass: exactly 50
+    assert ilora.static_cache_rows(gpu, "llama", one, ilora.Config(eval_batch_size=5)) == 0  # 20 a pass: 40
+    assert ilora.static_cache_rows(gpu, "llama", few, ilora.Config(eval_batch_size=100, kv_cache="static")) == 100
+    assert ilora.static_cache_rows(gpu, "llama", tasks, ilora.Config(eval_batch_size=100, kv_cache="dynamic")) == 0
     monkeypatch.setattr(ilora, "WORLD", 8)  # each process decodes 9 of the 72 batches, but the answers of a run
-    assert ilora.static_cache_rows(model, tasks, cfg, 1) == 100  # must not depend on the number of processes
+    assert ilora.static_cache_rows(gpu, "llama", tasks, ilora.Config(eval_batch_size=100)) == 100  # must not
+    # depend on the number of processes
+
+def test_resume_keeps_the_kv_cache_the_run_began_with(tmp_path, model_dir, capsys):
+    args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
+    ilora.main(args)
+    config = tmp_path / "out" / "config.json"
+    saved = json.loads(config.read_text())
+    config.write_text(json.dumps({**saved, "kv_cache_used": "static"}))  # as if a GPU run had compiled for it
+    with pytest.raises(SystemExit) as e:
+        ilora.main(args + ["--resume"])
+    assert e.value.code == 2 and "began with the static KV cache; pass --kv-cache static" in capsys.readouterr().err
+    older = {k: v for k, v in saved.items() if k != "kv_cache_used"}
+    config.write_text(json.dumps({**older, "kv_cache": "dynamic"}))  # the decision, as ilora.py once recorded it
+    ilora.main(args + ["--resume"])  # auto decides the same on a CPU: no refusal
+    assert json.loads(config.read_text())["kv_cache_used"] == "dynamic"
 
 def test_scoring_is_greedy_whatever_generation_settings_the_checkpoint_ships(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()

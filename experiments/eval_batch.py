@@ -38,7 +38,7 @@ def one_size(args):
             torch.cuda.synchronize()
         start = time.time()
         preds = ilora.predict(model, tok, tasks, cfg, gen_lens, "fast",
-                              cfg.eval_batch_size if ilora.static_cache(model) else 0)
+                              cfg.eval_batch_size if ilora.static_cache(device, model.config.model_type) else 0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         passes.append(time.time() - start)

@@ -23,7 +23,7 @@ def main(argv=None):
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--rows", type=int, default=100)
     p.add_argument("--compile-config", default=None, type=json.loads,
-                   help='CompileConfig fields for generate as JSON, e.g. \'{"mode": "default"}\' (transformers\' own if unset)')
+                   help='CompileConfig fields as JSON, e.g. \'{"mode": "default"}\' (unset: transformers\' own)')
     p.add_argument("--dynamic-cache", action="store_true", help="no static cache and so no compiling, as on a CPU")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (dynamic cache)")
     p.add_argument("--out", default=None)
@@ -47,7 +47,7 @@ def main(argv=None):
     if type(tok).__name__ != "IdTokenizer":  # a real tokenizer: text, as TRACE's prompts are
         prompts = [tok.decode(q) for q in prompts]
     model.eval()
-    static_rows = 0 if args.dynamic_cache or not ilora.static_cache(model) else args.rows
+    static_rows = 0 if args.dynamic_cache or not ilora.static_cache(device, model.config.model_type) else args.rows
     seconds = []
     with ilora.merged(model, "slow"):
         for _ in range(args.passes):
@@ -58,7 +58,8 @@ def main(argv=None):
     counters = {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v}
     result = {"model": args.model, "compile_config": args.compile_config, "rows": args.rows,
               "static_cache": bool(static_rows), "load_seconds": round(load_s, 1),
-              "seconds": seconds, "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "seconds": seconds, "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "counters": counters, "compile_times": torch._dynamo.utils.compile_times(repr="str")}
     print(json.dumps({k: v for k, v in result.items() if k != "compile_times"}, indent=1, default=str))
     print(result["compile_times"])

@@ -36,7 +36,8 @@ def flags(setting):
 
 def sweep_jobs(root, base, method):
     return [(root / "sweep" / name_of(method, s, 0),
-             [*base, "--method", method, "--eval-split", "eval", "--no-eval-every-task", *flags(s)])
+             [*base, "--method", method, "--eval-split", "eval", "--no-eval-every-task", "--kv-cache", "static",
+              *flags(s)])  # the static KV cache, as the sweep ran (--kv-cache auto would leave it for its 16 batches)
             for s in SWEEP[method]]
 
 def final_jobs(root, base, method, setting, seeds):
