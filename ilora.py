@@ -54,14 +54,13 @@ class LoRALayer(nn.Module):
     def __init__(self, base_layer, r, alpha, dropout):
         super().__init__()
         fan_in, fan_out = in_out_features(base_layer)
-        device = base_layer.weight.device
         self.base_layer = base_layer
         self.scaling = alpha / r
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # PEFT's flag for Conv1D's (in, out) layout
         self.dropout = dropout
         # fp32 factors whatever the model's dtype: AdamW's small steps would round away in bf16
-        self.lora_A = nn.Linear(fan_in, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, fan_out, bias=False, device=device, dtype=torch.float32)
+        self.lora_A = nn.Linear(fan_in, r, bias=False, device=base_layer.weight.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, fan_out, bias=False, device=base_layer.weight.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # loralib's init; with B = 0, delta W = 0
         nn.init.zeros_(self.lora_B.weight)
         self.register_buffer("slow_A", self.lora_A.weight.detach().clone())
@@ -108,17 +107,15 @@ DEFAULT_TARGETS = {  # what PEFT adapts by default, by config.model_type
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
 }
 
-def linear_names(model):
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_linear(module)})
-
 def inject_lora(model, targets=None, r=8, alpha=16.0, dropout=0.0):
     """Wrap every linear layer named by `targets` (its full name, or a name ending in '.' + target) in a LoRALayer
     and freeze all other weights. Returns the LoRA layers in module order."""
     model_type = getattr(model.config, "model_type", "?")
     targets = targets or DEFAULT_TARGETS.get(model_type)
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_linear(module)})
     if not targets:
         raise UsageError(f"no default LoRA targets for model type {model_type!r}; pass --targets, one or more of "
-                         f"its linear layers: {', '.join(linear_names(model))}")
+                         f"its linear layers: {', '.join(linear)}")
     model.requires_grad_(False)
     found = {target: [] for target in targets}
     for name, module in list(model.named_modules()):
@@ -132,7 +129,7 @@ def inject_lora(model, targets=None, r=8, alpha=16.0, dropout=0.0):
     missing = [target for target, names in found.items() if not names]
     if missing:
         raise UsageError(f"LoRA target(s) {', '.join(missing)} match no linear layer; this model has: "
-                         f"{', '.join(linear_names(model))}")
+                         f"{', '.join(linear)}")
     return [module for module in model.modules() if isinstance(module, LoRALayer)]
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,9 +237,9 @@ def collate(rows, pad_id, device):
 # ----------------------------------------------------------------------------------------------------------------
 # Losses: next-token cross-entropy on the answers, and the consistency of the fast learner with the slow one.
 
-def lm_loss(model, h, labels, pos, n_tokens=None):
-    """Next-token cross-entropy summed over the answer tokens / n_tokens (default: their number; under torchrun,
-    the whole batch's). h: (B, L, H) final hidden states; the LM head runs on the labelled positions only."""
+def lm_loss(model, h, labels, pos, n_tokens):
+    """Next-token cross-entropy summed over the answer tokens / n_tokens (their number; under torchrun, the whole
+    batch's). h: (B, L, H) final hidden states; the LM head runs on the labelled positions only."""
     h = h[:, :-1].reshape(-1, h.shape[-1]).index_select(0, pos)  # (N, H)
     y = labels[:, 1:].reshape(-1).index_select(0, pos)            # (N,)
     logits = model.get_output_embeddings()(h).float()              # (N, V)
@@ -254,14 +251,12 @@ def lm_loss(model, h, labels, pos, n_tokens=None):
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-2
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    n_tokens = n_tokens or len(pos)
     return F.cross_entropy(logits, y, reduction="sum") / n_tokens
 
-def consistency_loss(h_fast, h_slow, mask, n_tokens=None):
+def consistency_loss(h_fast, h_slow, mask, n_tokens):
     """MSE between the fast and the slow learner's hidden states over real tokens and hidden units, averaged over
     layers. h_fast, h_slow: one (B, L, H) a block; mask: (B, L); n_tokens as in lm_loss. h_slow gets no gradient."""
     m = mask.unsqueeze(-1).to(h_fast[0].dtype)  # (B, L, 1)
-    n_tokens = n_tokens or m.sum().float()
     n_values = n_tokens * h_fast[0].shape[-1]  # real tokens x hidden units
     per_layer = [((hf - hs.detach()) * m).pow(2).sum(dtype=torch.float32) / n_values
                  for hf, hs in zip(h_fast, h_slow)]
@@ -389,7 +384,7 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
                     sums.zero_()
 
 # ----------------------------------------------------------------------------------------------------------------
-# Generation: greedy answers, batched and left-padded.
+# Generation and scores: greedy answers, batched and left-padded; R's rows and the continual-learning metrics.
 
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens, max_len, static_rows=0):
@@ -411,9 +406,6 @@ def generate(model, tok, prompts, max_new_tokens, max_len, static_rows=0):
                          eos_token_id=tok.eos_token_id, cache_implementation="static" if static_rows else None)
     return [tok.decode(out[row, length:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
             for row in range(len(prompts))]  # as TRACE decodes: no clean-up turning "sky ." into "sky."
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scores and the continual-learning metrics.
 
 def score(tasks, preds, metrics, split):
     """One row of R: each task's mean score (METRICS, with TRACE's scorers, is below the banner), in task order.
@@ -510,17 +502,15 @@ class Config:
         self.out = self.out or f"runs/{self.method}"  # the methods' runs side by side, as the README runs them
 
 RESUMABLE = {"out", "overwrite", "resume", "log_every"}  # may change on --resume: they change no number
-DECIDING = {"kv_cache"}  # compared by the cache it chose (kv_cache_used), which check_inputs checks
 
 def result_changing(saved, cfg):
     """Names of the settings in which cfg differs from a saved config.json in a way that changes the result."""
-    return [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE | DECIDING and saved.get(k) != v]
+    return [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE and saved.get(k) != v]
 
 AT_LEAST = {"r": 1, "epochs": 1, "batch_size": 1, "eval_batch_size": 1, "log_every": 1, "max_len": 8, "warmup": 0,
             "max_train": 0, "max_eval": 0, "max_test": 0, "buffer_size": 0}
-CHOICES = {"method": ("seq", "replay", "ilora"), "eval_split": ("test", "eval"),
-           "eval_learner": ("slow", "fast", "both"), "device": ("auto", "cpu", "cuda"),
-           "kv_cache": ("auto", "static", "dynamic")}
+CHOICES = {"method": ("seq", "replay", "ilora"), "eval_split": ("test", "eval"), "device": ("auto", "cpu", "cuda"),
+           "eval_learner": ("slow", "fast", "both"), "kv_cache": ("auto", "static", "dynamic")}
 
 def require(cfg, name, ok, allowed):
     if not ok:
@@ -576,14 +566,13 @@ def read_split(path, split):
         raise UsageError(f"{path}: expected a JSON list of records, found a {type(data).__name__}")
     records = []
     for number, record in enumerate(data, start=1):
-        place = f"record {number}"
         if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
                 and isinstance(record.get("answer"), str)):
-            raise UsageError(f"{path}, {place}: needs string fields 'prompt' and 'answer'")
+            raise UsageError(f"{path}, record {number}: needs string fields 'prompt' and 'answer'")
         if not record["prompt"].strip():
-            raise UsageError(f"{path}, {place}: the prompt is empty (there is nothing to answer)")
+            raise UsageError(f"{path}, record {number}: the prompt is empty (there is nothing to answer)")
         if split == "train" and not record["answer"]:
-            raise UsageError(f"{path}, {place}: the answer is empty (there is nothing to train on)")
+            raise UsageError(f"{path}, record {number}: the answer is empty (there is nothing to train on)")
         records.append({"prompt": record["prompt"], "answer": record["answer"]})
     if not records:
         raise UsageError(f"{path}: holds no records")
@@ -740,23 +729,14 @@ def merged(model, learner):
 
 # GPT-Neo's local attention counts its window in cache slots, so a static cache's padding changes the answers.
 STATIC_CACHE_WRONG = {"gpt_neo"}
-
-# A static cache has one shape, so transformers compiles the decoding step once a run. On an H200 the first batch of
-# 100 then took about 32 s more than with a dynamic cache and each later one about 1 s less (64 new tokens; SmolLM2
-# and a Llama-2-7B shape, experiments/BENCHMARKS.md): repaid after some 35 batches, later with shorter answers.
+# Compiling for the static cache pays from some 35 batches a run (experiments/BENCHMARKS.md, "The first scoring pass").
 STATIC_CACHE_MIN_BATCHES = 50
 
-def static_cache(device, model_type):
-    return device.type == "cuda" and model_type not in STATIC_CACHE_WRONG
-
-def static_cache_rows(device, model_type, tasks, cfg):
-    """The static cache's rows for this run's scoring, or 0 for a dynamic cache (on a CPU, for GPT-Neo, and with
-    --kv-cache dynamic). --kv-cache auto takes it when the batches the run decodes repay the compiling (counted from
-    below: tasks of different answer lengths never share a batch). Not per process: the cache changes answers in
-    bf16, and R must not depend on the number of processes."""
-    if cfg.kv_cache == "dynamic" or not static_cache(device, model_type):
+def static_cache_rows(model, tasks, cfg, n_learners):
+    """The static cache's rows for a run's scoring, or 0 for a dynamic cache (on a CPU, for GPT-Neo, if asked). auto
+    counts the batches of the whole run from below, all processes' together: R must not depend on their number."""
+    if cfg.kv_cache == "dynamic" or model.device.type != "cuda" or model.config.model_type in STATIC_CACHE_WRONG:
         return 0
-    n_learners = 2 if cfg.method == "ilora" and cfg.eval_learner == "both" else 1
     prompts = sum(len(task[cfg.eval_split]) for task in tasks.values())
     passes = 1 + n_learners * (len(tasks) if cfg.eval_every_task else 1)  # the base model, then after the tasks
     batches = passes * math.ceil(prompts / cfg.eval_batch_size)
@@ -764,8 +744,7 @@ def static_cache_rows(device, model_type, tasks, cfg):
 
 def predict(model, tok, tasks, cfg, gen_lens, learner, static_rows=0):
     """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Prompts of one generation length, sorted by
-    length, make the batches; process k decodes batches k, k + WORLD, ...: no answer depends on WORLD.
-    static_rows: see static_cache_rows()."""
+    length, make the batches; process k decodes batches k, k + WORLD, ...: no answer depends on WORLD."""
     jobs = []  # (generation length, the prompts' indices in `prompts`)
     prompts = [record["prompt"] for name in tasks for record in tasks[name][cfg.eval_split]]
     n_new = [gen_lens[name] for name in tasks for _ in tasks[name][cfg.eval_split]]
@@ -805,7 +784,6 @@ def save_peft_adapter(model, layers, folder, learner, cfg, base=None):
     """One learner as a PEFT adapter: keys base_model.model.<module>.lora_A.weight (r, in) and lora_B (out, r)
     (without the prefix peft silently runs the bare base model); base: the base model for peft (default --model)."""
     from safetensors.torch import save_file
-    folder = pathlib.Path(folder)
     wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALayer)]
     tensors = {f"base_model.model.{name}.lora_{ab}.weight": factor.detach().float().cpu().contiguous()
                for name, module in wrapped for ab, factor in zip("AB", module.factors(learner))}
@@ -924,7 +902,6 @@ def check_model(cfg):
         model = AutoModelForCausalLM.from_config(config)
         inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha)
     transformer_blocks(model.base_model)  # every training step hooks them
-    return config.model_type
 
 def lora_targets(cfg):
     return [target.strip() for target in cfg.targets.split(",") if target.strip()] or None
@@ -1079,19 +1056,15 @@ def check_inputs(cfg, device):
         raise UsageError(f"{out} already holds results; pass --overwrite or --resume, or choose another --out")
     tasks = load_tasks(cfg)
     metrics = {name: TASK_METRICS.get(name, "em") for name in tasks}  # TRACE's, else the lenient one
-    static_rows = static_cache_rows(device, check_model(cfg), tasks, cfg)
+    check_model(cfg)
     if cfg.resume:
         fingerprints = from_rank_zero(lambda: fingerprint(cfg, tasks))
         changed = [k for k, v in fingerprints.items() if saved.get("fingerprint", {}).get(k) != v]
         if changed:
             raise UsageError(f"--resume: the inputs changed since the run began ({', '.join(changed)}); start it "
                              f"again with --overwrite, or restore them")
-        began = saved.get("kv_cache_used", saved.get("kv_cache"))  # "kv_cache" before there was an option
-        if began not in (None, "static" if static_rows else "dynamic"):
-            raise UsageError(f"--resume with settings that change the result: the run began with the {began} KV "
-                             f"cache; pass --kv-cache {began}")
     check_out(cfg)
-    return tasks, metrics, saved, checkpoint, static_rows
+    return tasks, metrics, saved, checkpoint
 
 def encode_tasks(tok, tasks, cfg):
     """Each task's training examples (ids, n_prompt) and generation length (longest answer + 8, <= --max-new-tokens)."""
@@ -1118,7 +1091,7 @@ def run(cfg):
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: this process's GPU
     init_distributed(device)  # before the inputs are checked: rank 0 hashes the model for every process
-    tasks, metrics, saved, checkpoint, static_rows = check_inputs(cfg, device)
+    tasks, metrics, saved, checkpoint = check_inputs(cfg, device)
     names = list(tasks)
     out = pathlib.Path(cfg.out)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -1126,6 +1099,10 @@ def run(cfg):
     set_seed(cfg.seed)
     model, tok = load_model(cfg.model, device)
     layers = inject_lora(model, lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
+    learners = ["fast"]
+    if cfg.method == "ilora":
+        learners = ["slow", "fast"] if cfg.eval_learner == "both" else [cfg.eval_learner]
+    static_rows = static_cache_rows(model, tasks, cfg, len(learners))
     fingerprints = saved["fingerprint"] if cfg.resume else from_rank_zero(lambda: fingerprint(cfg, tasks))
     write_json(out / "config.json", {**dataclasses.asdict(cfg), "machine": machine(device),
                                      "kv_cache_used": "static" if static_rows else "dynamic",
@@ -1134,9 +1111,6 @@ def run(cfg):
         for tensor in fast_tensors(layers) + slow_tensors(layers):
             torch.distributed.broadcast(tensor.data, src=0)
     train, gen_lens = encode_tasks(tok, tasks, cfg)
-    learners = ["fast"]
-    if cfg.method == "ilora":
-        learners = ["slow", "fast"] if cfg.eval_learner == "both" else [cfg.eval_learner]
     buffer = ReplayBuffer(cfg.buffer_size, cfg.seed)
     state = {"done": 0, "step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0, "predictions": []}  # done: tasks
     R = {learner: [None] * (len(names) + 1) for learner in learners}

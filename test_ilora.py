@@ -4,6 +4,7 @@
 """
 import contextlib, io, json, os, pathlib, random, re, shutil, signal, subprocess, sys, time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -459,7 +460,7 @@ def test_right_padded_batch_needs_no_attention_mask(model_type):
     batch = rows(5, seed=7)
     ids, mask, labels, pos = ilora.collate(batch, pad_id=0, device="cpu")
     with torch.no_grad():
-        padded = ilora.lm_loss(model, model.base_model(input_ids=ids).last_hidden_state, labels, pos)
+        padded = ilora.lm_loss(model, model.base_model(input_ids=ids).last_hidden_state, labels, pos, len(pos))
         total, count = 0.0, 0
         for x, n_prompt in batch:  # each row alone, no padding, through HF's own loss
             y = x.long().clone().unsqueeze(0)
@@ -483,18 +484,18 @@ def test_consistency_zero_when_equal_positive_otherwise():
     randomize_lora(layers, seed=1, which="fast")
     randomize_lora(layers, seed=1, which="slow")  # slow == fast
     cons = ilora.consistency_loss(replay_hidden(model, layers, "fast", ids, mask),
-                                  replay_hidden(model, layers, "slow", ids, mask), mask)
+                                  replay_hidden(model, layers, "slow", ids, mask), mask, mask.sum())
     assert cons.item() == 0.0
     randomize_lora(layers, seed=2, which="slow")
     cons = ilora.consistency_loss(replay_hidden(model, layers, "fast", ids, mask),
-                                  replay_hidden(model, layers, "slow", ids, mask), mask)
+                                  replay_hidden(model, layers, "slow", ids, mask), mask, mask.sum())
     assert cons.item() > 0
 
 def test_consistency_ignores_padding_and_averages_over_layers():
     h_fast = [torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)]
     h_slow = [torch.tensor([[[1.0, 1.0], [1.0, 1.0], [9.0, 9.0]]]), torch.tensor([[[3.0, 3.0], [3.0, 3.0], [9.0, 9.0]]])]
     mask = torch.tensor([[1, 1, 0]])  # the third token is padding
-    assert ilora.consistency_loss(h_fast, h_slow, mask).item() == pytest.approx((1 + 9) / 2)
+    assert ilora.consistency_loss(h_fast, h_slow, mask, mask.sum()).item() == pytest.approx((1 + 9) / 2)
 
 def test_consistency_sends_no_gradient_to_slow():
     model = tiny_model("llama")
@@ -506,7 +507,7 @@ def test_consistency_sends_no_gradient_to_slow():
         layer.slow_B.requires_grad_(True)
     ids, mask, _, _ = ilora.collate(rows(4), 0, "cpu")
     ilora.consistency_loss(replay_hidden(model, layers, "fast", ids, mask),
-                           replay_hidden(model, layers, "slow", ids, mask), mask).backward()
+                           replay_hidden(model, layers, "slow", ids, mask), mask, mask.sum()).backward()
     assert all(layer.slow_A.grad is None and layer.slow_B.grad is None for layer in layers)
     assert all(layer.lora_B.weight.grad.abs().sum() > 0 for layer in layers)
 
@@ -520,7 +521,8 @@ def test_train_step_consistency_is_the_mse_of_block_outputs(kind):
     ids, mask, _, _ = ilora.collate(current + replay, 0, "cpu")
     with torch.no_grad():  # the reference: whole-batch fast outputs, sliced to the replay rows
         h_fast = [h[3:] for h in replay_hidden(model, layers, "fast", ids, mask)]
-        expected = ilora.consistency_loss(h_fast, replay_hidden(model, layers, "slow", ids[3:], mask[3:]), mask[3:])
+        expected = ilora.consistency_loss(h_fast, replay_hidden(model, layers, "slow", ids[3:], mask[3:]), mask[3:],
+                                          mask[3:].sum())
     opt = torch.optim.SGD(ilora.fast_tensors(layers), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     _, cons = ilora.train_step(model, layers, opt, sched, current, replay, make_cfg(method="ilora"), 1)
@@ -531,7 +533,8 @@ def assert_lm_loss_is_the_model_s_own(model):
     x = torch.tensor([1, 5, 9, 13, 14, 20, 7, 2], dtype=torch.int32)
     ids, mask, labels, pos = ilora.collate([(x, 3)], 0, "cpu")
     with torch.no_grad():
-        ours = ilora.lm_loss(model, model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state, labels, pos)
+        h = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours = ilora.lm_loss(model, h, labels, pos, len(pos))
         theirs = model(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
@@ -652,39 +655,42 @@ def test_static_cache_gives_the_unpadded_answers_on_every_architecture_it_is_use
     assert (static == alone) == (model_type not in ilora.STATIC_CACHE_WRONG)  # where it is wrong, it is not used
 
 def test_a_run_compiles_for_the_static_cache_only_when_it_decodes_enough_batches_to_repay_it(monkeypatch):
-    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # only their type is read
+    def model_on(device, model_type):  # what static_cache_rows reads of a model
+        return SimpleNamespace(device=torch.device(device), config=SimpleNamespace(model_type=model_type))
+    gpu = model_on("cuda", "llama")
     tasks = {f"t{k}": {"test": [{}] * 100} for k in range(8)}  # TRACE-8's shape: 800 test prompts
-    both = ilora.Config(eval_batch_size=100, eval_learner="both")
-    assert ilora.static_cache_rows(cpu, "llama", tasks, both) == 0  # a CPU: never
-    assert ilora.static_cache_rows(gpu, "gpt_neo", tasks, both) == 0  # a model it answers wrongly for: never
-    assert ilora.static_cache_rows(gpu, "llama", tasks, both) == 100  # 8 batches, 17 passes: 136 >= 50
-    assert ilora.static_cache_rows(gpu, "llama", tasks, ilora.Config(eval_batch_size=100)) == 100  # 9 passes: 72
+    cfg = ilora.Config(eval_batch_size=100)
+    assert ilora.static_cache_rows(model_on("cpu", "llama"), tasks, cfg, 2) == 0  # a CPU: never
+    assert ilora.static_cache_rows(model_on("cuda", "gpt_neo"), tasks, cfg, 2) == 0  # a model it answers wrongly for
+    assert ilora.static_cache_rows(gpu, tasks, cfg, 2) == 100  # 8 batches, 17 passes: 136 >= 50
+    assert ilora.static_cache_rows(gpu, tasks, cfg, 1) == 100  # 9 passes: 72
     few = {name: {"test": splits["test"][:20]} for name, splits in tasks.items()}
-    assert ilora.static_cache_rows(gpu, "llama", few, both) == 0  # 160 prompts, 2 batches a pass: 34
-    assert ilora.static_cache_rows(gpu, "llama", few, ilora.Config(eval_batch_size=50, eval_learner="both")) == 50
-    once = ilora.Config(eval_batch_size=100, eval_learner="both", eval_every_task=False)
-    assert ilora.static_cache_rows(gpu, "llama", tasks, once) == 0  # the base model and the end: 3 passes, 24
+    assert ilora.static_cache_rows(gpu, few, cfg, 2) == 0  # 160 prompts, 2 batches a pass: 34
+    assert ilora.static_cache_rows(gpu, few, ilora.Config(eval_batch_size=50), 2) == 50  # 4 a pass: 68
+    once = ilora.Config(eval_batch_size=100, eval_every_task=False)
+    assert ilora.static_cache_rows(gpu, tasks, once, 2) == 0  # the base model and the end: 3 passes, 24
     one = {"t": {"test": [{}] * 100}}  # 2 passes (the base model, then after the task)
-    assert ilora.static_cache_rows(gpu, "llama", one, ilora.Config(eval_batch_size=4)) == 4  # 25 a pass: exactly 50
-    assert ilora.static_cache_rows(gpu, "llama", one, ilora.Config(eval_batch_size=5)) == 0  # 20 a pass: 40
-    assert ilora.static_cache_rows(gpu, "llama", few, ilora.Config(eval_batch_size=100, kv_cache="static")) == 100
-    assert ilora.static_cache_rows(gpu, "llama", tasks, ilora.Config(eval_batch_size=100, kv_cache="dynamic")) == 0
+    assert ilora.static_cache_rows(gpu, one, ilora.Config(eval_batch_size=4), 1) == 4  # 25 a pass: exactly 50
+    assert ilora.static_cache_rows(gpu, one, ilora.Config(eval_batch_size=5), 1) == 0  # 20 a pass: 40
+    assert ilora.static_cache_rows(gpu, few, ilora.Config(eval_batch_size=100, kv_cache="static"), 2) == 100
+    assert ilora.static_cache_rows(gpu, tasks, ilora.Config(eval_batch_size=100, kv_cache="dynamic"), 2) == 0
     monkeypatch.setattr(ilora, "WORLD", 8)  # each process decodes 9 of the 72 batches, but the answers of a run
-    assert ilora.static_cache_rows(gpu, "llama", tasks, ilora.Config(eval_batch_size=100)) == 100  # must not
-    # depend on the number of processes
+    assert ilora.static_cache_rows(gpu, tasks, cfg, 1) == 100  # must not depend on the number of processes
 
-def test_resume_keeps_the_kv_cache_the_run_began_with(tmp_path, model_dir, capsys):
+def test_resume_compares_the_kv_cache_setting_as_every_other(tmp_path, model_dir, capsys):
     args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
     ilora.main(args)
+    with pytest.raises(SystemExit) as e:
+        ilora.main(args + ["--resume", "--kv-cache", "static"])
+    assert e.value.code == 2 and "kv_cache 'auto' -> 'static'" in capsys.readouterr().err
     config = tmp_path / "out" / "config.json"
     saved = json.loads(config.read_text())
-    config.write_text(json.dumps({**saved, "kv_cache_used": "static"}))  # as if a GPU run had compiled for it
+    older = {k: v for k, v in saved.items() if k != "kv_cache_used"}
+    config.write_text(json.dumps({**older, "kv_cache": "dynamic"}))  # the cache taken, as ilora.py once recorded it
     with pytest.raises(SystemExit) as e:
         ilora.main(args + ["--resume"])
-    assert e.value.code == 2 and "began with the static KV cache; pass --kv-cache static" in capsys.readouterr().err
-    older = {k: v for k, v in saved.items() if k != "kv_cache_used"}
-    config.write_text(json.dumps({**older, "kv_cache": "dynamic"}))  # the decision, as ilora.py once recorded it
-    ilora.main(args + ["--resume"])  # auto decides the same on a CPU: no refusal
+    assert e.value.code == 2 and "kv_cache 'dynamic' -> 'auto'" in capsys.readouterr().err
+    ilora.main(args + ["--resume", "--kv-cache", "dynamic"])  # the cache it took: it resumes
     assert json.loads(config.read_text())["kv_cache_used"] == "dynamic"
 
 def test_scoring_is_greedy_whatever_generation_settings_the_checkpoint_ships(tmp_path):

@@ -133,7 +133,7 @@ def peft_comparator(model, cfg, current, replay, head):
             out = pm(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=hidden, use_cache=False)
             return out.loss, out.hidden_states
         out = blocks(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)
-        return ilora.lm_loss(pm.get_base_model(), out.last_hidden_state, labels, pos), out.hidden_states
+        return ilora.lm_loss(pm.get_base_model(), out.last_hidden_state, labels, pos, len(pos)), out.hidden_states
 
     def step(k):
         ids_c, mask_c, lab_c, pos_c = ilora.collate(current, pad, device)
@@ -147,7 +147,7 @@ def peft_comparator(model, cfg, current, replay, head):
             pm.set_adapter("fast")
             ce_c, _ = forward(ids_c, mask_c, lab_c, pos_c, False)
             ce_r, h_fast = forward(ids_r, mask_r, lab_r, pos_r, True)
-            loss = (ce_c + ce_r) / 2 + cfg.gamma * ilora.consistency_loss(h_fast[1:], h_slow, mask_r)
+            loss = (ce_c + ce_r) / 2 + cfg.gamma * ilora.consistency_loss(h_fast[1:], h_slow, mask_r, mask_r.sum())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(fast, cfg.grad_clip)
         opt.step()

@@ -9,7 +9,7 @@ process of its own, so that its peak memory is its own:
 Per size: seconds of the pass (on a GPU the first pass, which compiles, and the second), prompts per second, and
 the peak memory above the loaded model (GPU: allocated by torch; CPU: the process's resident set).
 """
-import argparse, json, pathlib, resource, subprocess, sys, time
+import argparse, dataclasses, json, pathlib, resource, subprocess, sys, time
 
 import torch
 
@@ -38,7 +38,7 @@ def one_size(args):
             torch.cuda.synchronize()
         start = time.time()
         preds = ilora.predict(model, tok, tasks, cfg, gen_lens, "fast",
-                              cfg.eval_batch_size if ilora.static_cache(device, model.config.model_type) else 0)
+                              ilora.static_cache_rows(model, tasks, dataclasses.replace(cfg, kv_cache="static"), 1))
         if device.type == "cuda":
             torch.cuda.synchronize()
         passes.append(time.time() - start)

@@ -47,7 +47,8 @@ def main(argv=None):
     if type(tok).__name__ != "IdTokenizer":  # a real tokenizer: text, as TRACE's prompts are
         prompts = [tok.decode(q) for q in prompts]
     model.eval()
-    static_rows = 0 if args.dynamic_cache or not ilora.static_cache(device, model.config.model_type) else args.rows
+    static_rows = 0 if args.dynamic_cache else ilora.static_cache_rows(
+        model, {}, ilora.Config(eval_batch_size=args.rows, kv_cache="static"), 1)  # GPU and a model it suits
     seconds = []
     with ilora.merged(model, "slow"):
         for _ in range(args.passes):

@@ -49,7 +49,12 @@ def finished(out, argv):
     """True if out holds the results of a run with exactly these settings (paths and RESUMABLE ones aside)."""
     if not (out / "results.json").is_file():
         return False
-    return not ilora.result_changing(json.loads((out / "config.json").read_text()), ilora.parse_args(argv))
+    saved = json.loads((out / "config.json").read_text())
+    changed = ilora.result_changing(saved, ilora.parse_args(argv))
+    if "kv_cache_used" not in saved:  # written before --kv-cache, whose "kv_cache" is the cache taken: the study's
+        # commands take the same one (--kv-cache static for the screen; auto takes static for the finals)
+        changed = [k for k in changed if k != "kv_cache"]
+    return not changed
 
 def run_jobs(jobs, parallel, deadline, more=lambda: [], gpus=1):
     """Run (out, argv) jobs, at most `parallel` at once; after each exit `more()` may add jobs. Runs still going

@@ -79,7 +79,7 @@ def eval_loss(model, examples, batch_size=16):
         ids, mask, labels, pos = ilora.collate(examples[i: i + batch_size], model.config.pad_token_id, model.device)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
             h = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
-            total += ilora.lm_loss(model, h, labels, pos).item() * len(pos)
+            total += ilora.lm_loss(model, h, labels, pos, len(pos)).item() * len(pos)
         count += len(pos)
     return total / count
 
