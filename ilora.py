@@ -499,7 +499,7 @@ class Config:
     log_every: int = opt(10, "steps between log lines")
 
     def __post_init__(self):
-        self.out = self.out or f"runs/{self.method}"  # the methods' runs side by side, as the README runs them
+        self.out = os.path.expanduser(self.out or f"runs/{self.method}")  # the methods' runs side by side; ~ expanded
 
 RESUMABLE = {"out", "overwrite", "resume", "log_every"}  # may change on --resume: they change no number
 
@@ -816,7 +816,7 @@ def read_run(out):
 def check_out(cfg):
     """--out must be a folder this process can write, or a path where one can be made; with --overwrite it is
     emptied. Called last in check_inputs, so bad input leaves a former run untouched."""
-    out = pathlib.Path(cfg.out).expanduser()
+    out = pathlib.Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {cfg.out}: is a file, not a folder")
     if cfg.overwrite and out.resolve() in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents, pathlib.Path.home()]:

@@ -1062,6 +1062,15 @@ def test_resume_refuses_settings_that_change_the_result(tmp_path, model_dir, cap
             ilora.main(args + ["--resume", *change])
         assert e.value.code == 2 and message in capsys.readouterr().err
 
+def test_an_out_under_the_home_folder_is_where_the_run_writes(tmp_path, model_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    ilora.main(base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1",
+                         "--out", "~/run"))  # as --out=~/run reaches it: the shell expands no "~" after "="
+    assert (tmp_path / "home" / "run" / "results.json").is_file()
+    assert not (tmp_path / "cwd" / "~").exists()
+
 def test_resume_refuses_another_kind_of_machine(tmp_path, model_dir, capsys):
     args = base_args(model_dir, tmp_path, "--tasks", str(write_task(tmp_path / "t")), "--epochs", "1")
     ilora.main(args)
