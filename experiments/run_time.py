@@ -1,0 +1,170 @@
+"""Where a TRACE-8 run's time goes: its scoring pass and its training step, timed in ilora.py's own code paths.
+
+    python experiments/run_time.py --model /root/ilora-model/smollm2-135m-instruct \\
+        --data-dir /root/ilora-data/trace_500 --out run_time.json          # one GPU: about 4 minutes
+    python experiments/run_time.py --data-dir ../shared/data/trace_500 --per-task 2 --steps 2 --max-len 128  # CPU smoke
+
+The settings are `gpu_torchrun.sh trace8`'s (max_len 768, up to 64 new tokens, batches of 100, batch 8 + 8 replay
+rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
+
+- Scoring: the test prompts through ilora.predict as a run scores a learner (merged, sorted, batched by generation
+  length), with the static KV cache three times (the first compiles) and with the dynamic cache once. Inside each
+  pass, every call of the model's `generate` is timed alone (the device synchronised around it) with its new tokens
+  counted, so that a pass splits into decoding and the rest (tokenizing, sorting, merging, text). One more static
+  pass runs under torch.profiler: its busiest host operations are printed.
+- Training: ilora steps (`ilora.train_step`, fresh AdamW as `train_task` makes it) on the task of the shortest rows
+  and on that of the longest, the replay rows drawn from a buffer holding every task. Per task: the seconds of
+  `--steps` steps with one synchronisation at the end (a run's throughput), then each step timed alone. Then a few
+  steps under torch.profiler, and the same steps with deterministic kernels off.
+- The rest of a run: loading the model, the fingerprint, one adapter saved, one checkpoint saved.
+"""
+import argparse, json, pathlib, statistics, sys, tempfile, time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
+import ilora
+
+TRACE8 = "C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten"
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+def timed(device, work):
+    """(seconds, result) of work(), the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    result = work()
+    sync(device)
+    return time.perf_counter() - start, result
+
+def host_table(prof, rows):
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+
+def scoring(model, tok, tasks, cfg, gen_lens, device, prof_rows):
+    """Passes of ilora.predict, each split into generate() calls and the rest."""
+    calls = []  # (seconds, rows, prompt width, new tokens) of each generate() call in the current pass
+    plain_generate = model.generate
+
+    def generate(*args, **kwargs):
+        seconds, out = timed(device, lambda: plain_generate(*args, **kwargs))
+        width = kwargs["input_ids"].shape[1]
+        calls.append((seconds, kwargs["input_ids"].shape[0], width, out.shape[1] - width))
+        return out
+
+    model.generate = generate  # an instance attribute: ilora.generate calls it as model.generate(...)
+    static_rows = cfg.eval_batch_size if device.type == "cuda" else 0
+    passes = []
+    for cache, rows in [("static", static_rows)] * 3 + [("dynamic", 0)]:
+        calls.clear()
+        seconds, _ = timed(device, lambda: ilora.predict(model, tok, tasks, cfg, gen_lens, "slow", rows))
+        decoding = sum(c[0] for c in calls)
+        passes.append({"cache": cache if device.type == "cuda" else "dynamic (CPU)", "seconds": round(seconds, 3),
+                       "in_generate": round(decoding, 3), "outside_generate": round(seconds - decoding, 3),
+                       "batches": len(calls), "new_tokens": [c[3] for c in calls],
+                       "prompt_widths": [c[2] for c in calls], "batch_seconds": [round(c[0], 3) for c in calls]})
+        print("scoring pass", json.dumps({k: v for k, v in passes[-1].items() if not isinstance(v, list)}),
+              "new tokens", passes[-1]["new_tokens"], flush=True)
+    prompts = [record["prompt"] for name in tasks for record in tasks[name][cfg.eval_split]]
+    tokenize_s, _ = timed(device, lambda: [tok(p, add_special_tokens=True)["input_ids"] for p in prompts])
+    with torch.profiler.profile(activities=profiler_activities(device)) as prof:
+        ilora.predict(model, tok, tasks, cfg, gen_lens, "slow", static_rows)
+        sync(device)
+    del model.generate
+    return {"passes": passes, "tokenize_all_prompts_once_s": round(tokenize_s, 3), "prompts": len(prompts),
+            "profile": host_table(prof, prof_rows)}
+
+def profiler_activities(device):
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return activities
+
+def training(model, layers, tok, tasks, train, cfg, device, n_steps, prof_rows):
+    """ilora steps on the tasks of the shortest and the longest rows, replaying from a buffer of every task."""
+    buffer = ilora.ReplayBuffer(cfg.buffer_size, cfg.seed)
+    for t, name in enumerate(train, start=1):
+        buffer.add(train[name], t)
+    mean_len = {name: statistics.mean(len(ids) for ids, _ in rows) for name, rows in train.items()}
+    picks = [min(mean_len, key=mean_len.get), max(mean_len, key=mean_len.get)]
+    optimizer = torch.optim.AdamW(ilora.fast_tensors(layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    model.train()
+    step = [100]  # past the slow learner's warm-up, as in a run's later tasks
+
+    def one_step(name, k):
+        rows = train[name]
+        current = [rows[(k * cfg.batch_size + i) % len(rows)] for i in range(cfg.batch_size)]
+        step[0] += 1
+        return ilora.train_step(model, layers, optimizer, sched, current, buffer.sample(cfg.batch_size), cfg, step[0])
+
+    results = {}
+    for name in picks:
+        one_step(name, 0)  # warm-up: allocator, kernels' first launches
+        together, _ = timed(device, lambda: [one_step(name, k) for k in range(n_steps)])
+        alone = [timed(device, lambda: one_step(name, k))[0] for k in range(n_steps)]
+        with torch.profiler.profile(activities=profiler_activities(device)) as prof:
+            for k in range(3):
+                one_step(name, k)
+            sync(device)
+        torch.use_deterministic_algorithms(False)
+        nondeterministic, _ = timed(device, lambda: [one_step(name, k) for k in range(n_steps)])
+        torch.use_deterministic_algorithms(cfg.deterministic)
+        results[name] = {"mean_row_tokens": round(mean_len[name], 1), "steps": n_steps,
+                         "ms_per_step_one_sync": round(1000 * together / n_steps, 1),
+                         "ms_per_step_each_synced_median": round(1000 * statistics.median(alone), 1),
+                         "ms_per_step_each_synced": [round(1000 * s, 1) for s in alone],
+                         "ms_per_step_nondeterministic_one_sync": round(1000 * nondeterministic / n_steps, 1),
+                         "profile": host_table(prof, prof_rows)}
+        print("training", name, json.dumps({k: v for k, v in results[name].items()
+                                            if k not in ("profile", "ms_per_step_each_synced")}), flush=True)
+    return results
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=ilora.DEFAULT_MODEL)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--tasks", default=TRACE8)
+    p.add_argument("--per-task", type=int, default=0, help="test prompts and training rows per task, 0 = all")
+    p.add_argument("--max-len", type=int, default=768, help="a run's --max-len (shorter for a CPU smoke test)")
+    p.add_argument("--steps", type=int, default=30, help="training steps timed per task")
+    p.add_argument("--profile-rows", type=int, default=30, help="host operations printed per profile")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    cfg = ilora.Config(model=args.model, data_dir=args.data_dir, tasks=args.tasks, epochs=1, batch_size=8,
+                       max_len=args.max_len, max_new_tokens=64, eval_batch_size=100, eval_learner="both",
+                       lam=0.9, gamma=0.1, max_test=args.per_task, max_train=args.per_task)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ilora.make_deterministic(cfg.deterministic)
+    tasks = ilora.load_tasks(cfg)
+    other = {}
+    other["load_model_s"], (model, tok) = timed(device, lambda: ilora.load_model(cfg.model, device))
+    other["fingerprint_s"], _ = timed(device, lambda: ilora.fingerprint(cfg, tasks))
+    ilora.set_seed(cfg.seed)
+    layers = ilora.inject_lora(model, ilora.lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
+    other["encode_tasks_s"], (train, gen_lens) = timed(device, lambda: ilora.encode_tasks(tok, tasks, cfg))
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "ilora_sha1": ilora.hashlib.sha1(pathlib.Path(ilora.__file__).read_bytes()).hexdigest(),
+              "gen_lens": gen_lens}
+    result["training"] = training(model, layers, tok, tasks, train, cfg, device, args.steps, args.profile_rows)
+    result["scoring"] = scoring(model, tok, tasks, cfg, gen_lens, device, args.profile_rows)
+    buffer = ilora.ReplayBuffer(cfg.buffer_size, cfg.seed)
+    buffer.add([row for rows in train.values() for row in rows][: cfg.buffer_size], 1)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = pathlib.Path(folder)
+        other["save_adapter_s"], _ = timed(device, lambda: ilora.save_peft_adapter(
+            model, layers, folder / "adapter", "slow", cfg))
+        other["save_checkpoint_s"], _ = timed(device, lambda: ilora.save_checkpoint(
+            folder, layers, buffer, {"done": 1}, {}))
+    result["other"] = {k: round(v, 3) for k, v in other.items()}
+    print("other", json.dumps(result["other"]), flush=True)
+    print(result["scoring"]["profile"])
+    for name, row in result["training"].items():
+        print(name, row["profile"], sep="\n")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+if __name__ == "__main__":
+    main()
