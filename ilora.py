@@ -388,24 +388,24 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
 
 @torch.no_grad()
 def generate(model, tok, prompts, max_new_tokens, max_len, static_rows=0):
-    """Greedy answers to a batch of prompts, left-padded, each cut from the left to max_len - max_new_tokens tokens.
-    static_rows (GPU): pad to that many rows of full width for the static KV cache: one shape, compiled once."""
+    """Greedy answers to a batch of prompts (token-id lists), left-padded, each cut from the left to max_len -
+    max_new_tokens tokens. static_rows (GPU): that many rows of full width for the static KV cache, compiled once."""
     width = max_len - max_new_tokens
-    encoded = [tok(prompt, add_special_tokens=True)["input_ids"][-width:] for prompt in prompts]
-    length = max(len(e) for e in encoded)
+    rows = [prompt[-width:] for prompt in prompts]
+    length = max(len(row) for row in rows)
     if static_rows:
-        encoded += encoded[-1:] * (static_rows - len(encoded))  # the last prompt again, to fill the batch
+        rows += rows[-1:] * (static_rows - len(rows))  # the last prompt again, to fill the batch
         length = width
-    ids = torch.full((len(encoded), length), tok.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for row, e in enumerate(encoded):
-        ids[row, length - len(e):] = torch.tensor(e, dtype=torch.long)
-        mask[row, length - len(e):] = 1
+    for b, row in enumerate(rows):
+        ids[b, length - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[b, length - len(row):] = 1
     out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, cache_implementation="static" if static_rows else None)
-    return [tok.decode(out[row, length:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            for row in range(len(prompts))]  # as TRACE decodes: no clean-up turning "sky ." into "sky."
+    return [tok.decode(out[b, length:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            for b in range(len(prompts))]  # as TRACE decodes: no clean-up turning "sky ." into "sky."
 
 def score(tasks, preds, metrics, split):
     """One row of R: each task's mean score (METRICS, with TRACE's scorers, is below the banner), in task order.
@@ -727,10 +727,8 @@ def merged(model, learner):
         for name, module in wrapped:
             model.set_submodule(name, module)
 
-# GPT-Neo's local attention counts its window in cache slots, so a static cache's padding changes the answers.
-STATIC_CACHE_WRONG = {"gpt_neo"}
-# Compiling for the static cache pays from some 35 batches a run (experiments/BENCHMARKS.md, "The first scoring pass").
-STATIC_CACHE_MIN_BATCHES = 50
+STATIC_CACHE_WRONG = {"gpt_neo"}  # its local attention counts its window in cache slots: padding changes answers
+STATIC_CACHE_MIN_BATCHES = 50  # compiling pays from ~35 batches (experiments/BENCHMARKS.md, "The first scoring pass")
 
 def static_cache_rows(model, tasks, cfg, n_learners):
     """The static cache's rows for a run's scoring, or 0 for a dynamic cache (on a CPU, for GPT-Neo, if asked). auto
@@ -742,15 +740,15 @@ def static_cache_rows(model, tasks, cfg, n_learners):
     batches = passes * math.ceil(prompts / cfg.eval_batch_size)
     return cfg.eval_batch_size if cfg.kv_cache == "static" or batches >= STATIC_CACHE_MIN_BATCHES else 0
 
-def predict(model, tok, tasks, cfg, gen_lens, learner, static_rows=0):
-    """{task: greedy answers of `learner` to its cfg.eval_split prompts}. Prompts of one generation length, sorted by
-    length, make the batches; process k decodes batches k, k + WORLD, ...: no answer depends on WORLD."""
+def predict(model, tok, prompt_ids, cfg, gen_lens, learner, static_rows=0):
+    """{task: greedy answers of `learner`} to prompt_ids, {task: its prompts' token ids}. Prompts of one generation
+    length, sorted by length, make the batches; process k decodes batches k, k + WORLD, ...: WORLD changes no answer."""
     jobs = []  # (generation length, the prompts' indices in `prompts`)
-    prompts = [record["prompt"] for name in tasks for record in tasks[name][cfg.eval_split]]
-    n_new = [gen_lens[name] for name in tasks for _ in tasks[name][cfg.eval_split]]
+    prompts = [ids for name in prompt_ids for ids in prompt_ids[name]]  # every task's, in order
+    n_new = [gen_lens[name] for name in prompt_ids for _ in prompt_ids[name]]
     for length in sorted(set(n_new)):
         group = [i for i in range(len(prompts)) if n_new[i] == length]
-        group.sort(key=lambda i: len(tok(prompts[i], add_special_tokens=True)["input_ids"]))
+        group.sort(key=lambda i: len(prompts[i]))
         for start in range(0, len(group), cfg.eval_batch_size):
             jobs.append((length, group[start: start + cfg.eval_batch_size]))
     answers = {}
@@ -762,7 +760,7 @@ def predict(model, tok, tasks, cfg, gen_lens, learner, static_rows=0):
             answers.update(zip(batch, texts))
     answers = gather(answers)  # torchrun: every process's batches
     in_order = iter([answers[i] for i in range(len(prompts))])
-    return {name: list(itertools.islice(in_order, len(tasks[name][cfg.eval_split]))) for name in tasks}
+    return {name: list(itertools.islice(in_order, len(prompt_ids[name]))) for name in prompt_ids}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and PEFT export: atomic writes, one adapter folder per learner and task, the resume checkpoint.
@@ -1067,14 +1065,17 @@ def check_inputs(cfg, device):
     return tasks, metrics, saved, checkpoint
 
 def encode_tasks(tok, tasks, cfg):
-    """Each task's training examples (ids, n_prompt) and generation length (longest answer + 8, <= --max-new-tokens)."""
+    """Each task's training examples (ids, n_prompt), its cfg.eval_split prompts' token ids (tokenized once: a run
+    scores them after every task) and its generation length (longest answer + 8, <= --max-new-tokens)."""
     train = {}
+    prompt_ids = {}
     gen_lens = {}
     for name, splits in tasks.items():
         train[name] = [encode(tok, record["prompt"], record["answer"], cfg.max_len) for record in splits["train"]]
+        prompt_ids[name] = [tok(record["prompt"])["input_ids"] for record in splits[cfg.eval_split]]
         longest = max(len(tok(record["answer"], add_special_tokens=False)["input_ids"]) for record in splits["train"])
         gen_lens[name] = min(cfg.max_new_tokens, longest + 8)
-    return train, gen_lens
+    return train, prompt_ids, gen_lens
 
 def make_deterministic(on):
     """GPU kernels that give the same bits on every run (CPU kernels do already): the same command, the same R."""
@@ -1084,8 +1085,7 @@ def make_deterministic(on):
 
 def run(cfg):
     """Train cfg.method over the task sequence; returns the results dict also written to cfg.out/results.json."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa, pyarrow.parquet as pq  # here: the method, imported alone, needs no pyarrow
     check_config(cfg)
     device = torch.device("cpu")
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
@@ -1110,7 +1110,7 @@ def run(cfg):
     if WORLD > 1:  # rank 0's initial learners on every process, whatever draws loading the model made on each
         for tensor in fast_tensors(layers) + slow_tensors(layers):
             torch.distributed.broadcast(tensor.data, src=0)
-    train, gen_lens = encode_tasks(tok, tasks, cfg)
+    train, prompt_ids, gen_lens = encode_tasks(tok, tasks, cfg)
     buffer = ReplayBuffer(cfg.buffer_size, cfg.seed)
     state = {"done": 0, "step": 0, "tokens": 0, "train_s": 0.0, "eval_s": 0.0, "predictions": []}  # done: tasks
     R = {learner: [None] * (len(names) + 1) for learner in learners}
@@ -1124,7 +1124,7 @@ def run(cfg):
     def score_row(t):
         start = time.time()
         for learner in learners[:1] if t == 0 else learners:  # before training, every learner is the base model
-            preds = predict(model, tok, tasks, cfg, gen_lens, learner, static_rows)
+            preds = predict(model, tok, prompt_ids, cfg, gen_lens, learner, static_rows)
             for k in learners if t == 0 else [learner]:
                 R[k][t] = score(tasks, preds, metrics, cfg.eval_split)
                 state["predictions"] += [{"task": name, "split": cfg.eval_split, "row": t, "learner": k,

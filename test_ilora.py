@@ -612,12 +612,16 @@ def test_the_lenient_exact_match_strips_and_nothing_else():
 PROMPTS = ["what colour is the sky", "the cat", "a dog is", "what is the answer of the question the sky is blue",
            "sun", "the sea is green and the grass is"]
 
+def token_ids(tok, prompts):
+    """The prompts as ilora.encode_tasks hands them to predict and generate: token ids."""
+    return [tok(prompt)["input_ids"] for prompt in prompts]
+
 def test_evaluation_prompts_leave_room_for_the_answer():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     seen = []
     real = model.generate
     model.generate = lambda input_ids, **kw: seen.append(input_ids.shape[1]) or real(input_ids=input_ids, **kw)
-    answers = ilora.generate(model, tok, [" ".join(["the"] * 40), "the sky"], 6, max_len=16)
+    answers = ilora.generate(model, tok, token_ids(tok, [" ".join(["the"] * 40), "the sky"]), 6, max_len=16)
     assert seen == [16 - 6] and len(answers) == 2  # the long prompt lost its left end
 
 def constant_model(token):
@@ -633,9 +637,10 @@ def constant_model(token):
 
 def test_generation_stops_at_eos_and_otherwise_runs_to_the_cap():
     tok = tiny_tokenizer()
-    assert ilora.generate(constant_model(tok.eos_token_id), tok, PROMPTS[:3], 4, max_len=16) == [""] * 3
+    prompts = token_ids(tok, PROMPTS[:3])
+    assert ilora.generate(constant_model(tok.eos_token_id), tok, prompts, 4, max_len=16) == [""] * 3
     red = tok.convert_tokens_to_ids("red")
-    assert ilora.generate(constant_model(red), tok, PROMPTS[:3], 4, max_len=16) == ["red red red red"] * 3
+    assert ilora.generate(constant_model(red), tok, prompts, 4, max_len=16) == ["red red red red"] * 3
 
 def test_answers_are_decoded_as_trace_decodes_them_without_the_tokenizers_clean_up():
     tok = tiny_tokenizer(WORDS + ["."])
@@ -643,15 +648,16 @@ def test_answers_are_decoded_as_trace_decodes_them_without_the_tokenizers_clean_
     tok.clean_up_tokenization_spaces = True  # as some hub tokenizers ship it: transformers' clean-up, " ." -> "."
     dot, sky = tok.convert_tokens_to_ids(["."]), tok.convert_tokens_to_ids(["sky"])
     assert tok.decode(sky + dot) == "sky."  # this tokenizer cleans up by default
-    assert ilora.generate(constant_model(dot[0]), tok, PROMPTS[:2], 3, max_len=16) == [". . ."] * 2
+    assert ilora.generate(constant_model(dot[0]), tok, token_ids(tok, PROMPTS[:2]), 3, max_len=16) == [". . ."] * 2
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("model_type", sorted(ilora.DEFAULT_TARGETS))
 def test_static_cache_gives_the_unpadded_answers_on_every_architecture_it_is_used_for(model_type, dtype):
     model, tok = tiny_arch(model_type).to(dtype), tiny_tokenizer()
-    alone = [ilora.generate(model, tok, [p], 6, max_len=24)[0] for p in PROMPTS]
-    assert ilora.generate(model, tok, PROMPTS, 6, max_len=24) == alone
-    static = ilora.generate(model, tok, PROMPTS, 6, max_len=24, static_rows=8)
+    prompts = token_ids(tok, PROMPTS)
+    alone = [ilora.generate(model, tok, [p], 6, max_len=24)[0] for p in prompts]
+    assert ilora.generate(model, tok, prompts, 6, max_len=24) == alone
+    static = ilora.generate(model, tok, prompts, 6, max_len=24, static_rows=8)
     assert (static == alone) == (model_type not in ilora.STATIC_CACHE_WRONG)  # where it is wrong, it is not used
 
 def test_a_run_compiles_for_the_static_cache_only_when_it_decodes_enough_batches_to_repay_it(monkeypatch):
@@ -695,14 +701,15 @@ def test_resume_compares_the_kv_cache_setting_as_every_other(tmp_path, model_dir
 
 def test_scoring_is_greedy_whatever_generation_settings_the_checkpoint_ships(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    prompts = ["what colour is the sky", "the cat is"]
+    texts = ["what colour is the sky", "the cat is"]
+    prompts = token_ids(tok, texts)
     greedy = ilora.generate(model, tok, prompts, 12, 64)
     model.generation_config.repetition_penalty = 1.3  # as a hub model's generation_config.json may set it
     assert ilora.generate(model, tok, prompts, 12, 64) != greedy  # the setting would change the answers
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     loaded, loaded_tok = ilora.load_model(str(tmp_path), torch.device("cpu"))
-    assert ilora.generate(loaded, loaded_tok, prompts, 12, 64) == greedy
+    assert ilora.generate(loaded, loaded_tok, token_ids(loaded_tok, texts), 12, 64) == greedy
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_merged_and_static_generation_give_the_answers_of_the_wrapped_model(kind):
@@ -710,12 +717,13 @@ def test_merged_and_static_generation_give_the_answers_of_the_wrapped_model(kind
     layers = ilora.inject_lora(model, r=4, alpha=8)
     randomize_lora(layers, seed=1, which="fast")
     randomize_lora(layers, seed=2, which="slow")
+    prompts = token_ids(tok, PROMPTS)
     for learner in ("fast", "slow"):
         with ilora.use_learner(layers, learner):  # the wrappers run at every decoding step
-            before = [ilora.generate(model, tok, [p], 6, max_len=16)[0] for p in PROMPTS]
+            before = [ilora.generate(model, tok, [p], 6, max_len=16)[0] for p in prompts]
         with ilora.merged(model, learner):
-            merged = ilora.generate(model, tok, PROMPTS, 6, max_len=16)
-            static = ilora.generate(model, tok, PROMPTS, 6, max_len=16, static_rows=8)
+            merged = ilora.generate(model, tok, prompts, 6, max_len=16)
+            static = ilora.generate(model, tok, prompts, 6, max_len=16, static_rows=8)
         assert merged == before and static == before, learner
     assert len(set(before)) > 1  # the answers are not all the same string
 
@@ -725,12 +733,11 @@ class Gathered(Exception):
 def test_each_answer_is_the_same_whatever_the_number_of_processes(monkeypatch):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     randomize_lora(ilora.inject_lora(model, r=4, alpha=8))
-    tasks = {"a": {"test": [{"prompt": p, "answer": "x"} for p in PROMPTS]},
-             "b": {"test": [{"prompt": p + " the cat", "answer": "x"} for p in PROMPTS[:4]]}}
+    prompt_ids = {"a": token_ids(tok, PROMPTS), "b": token_ids(tok, [p + " the cat" for p in PROMPTS[:4]])}
     cfg = ilora.Config(eval_batch_size=2, max_len=24)
     batches, real = [], ilora.generate
     monkeypatch.setattr(ilora, "generate", lambda m, t, prompts, *a: batches.append(prompts) or real(m, t, prompts, *a))
-    one = ilora.predict(model, tok, tasks, cfg, {"a": 4, "b": 6}, "fast")
+    one = ilora.predict(model, tok, prompt_ids, cfg, {"a": 4, "b": 6}, "fast")
     one_batches, batches[:] = list(batches), []
     parts = []
     def gather(answers):  # stands in for all_gather: keep this process's answers
@@ -741,8 +748,8 @@ def test_each_answer_is_the_same_whatever_the_number_of_processes(monkeypatch):
     for rank in (0, 1):  # two processes, run one after the other here
         monkeypatch.setattr(ilora, "RANK", rank)
         with pytest.raises(Gathered):
-            ilora.predict(model, tok, tasks, cfg, {"a": 4, "b": 6}, "fast")
-    assert sorted(map(tuple, batches)) == sorted(map(tuple, one_batches)) and len(one_batches) == 3 + 2
+            ilora.predict(model, tok, prompt_ids, cfg, {"a": 4, "b": 6}, "fast")
+    assert sorted(map(str, batches)) == sorted(map(str, one_batches)) and len(one_batches) == 3 + 2
     both = {**parts[0], **parts[1]}
     assert [both[i] for i in range(10)] == one["a"] + one["b"]
 
@@ -751,16 +758,33 @@ def test_predict_shares_batches_by_generation_length_and_routes_answers_back(mon
              "B": {"test": [{"prompt": "b1", "answer": "x"}]},
              "C": {"test": [{"prompt": "c1", "answer": "z"}, {"prompt": "c2", "answer": "z"}]}}
     given = {"a1": "x", "a2": "no", "b1": "x", "c1": "z", "c2": "z"}
+    prompt_ids = {name: [[ord(c) for c in r["prompt"]] for r in splits["test"]] for name, splits in tasks.items()}
     calls = []
     def fake_generate(model, tok, prompts, max_new_tokens, max_len, static_rows):
-        calls.append((max_new_tokens, list(prompts)))
-        return [given[p] for p in prompts]
+        texts = ["".join(map(chr, ids)) for ids in prompts]  # each prompt's ids spell it
+        calls.append((max_new_tokens, texts))
+        return [given[text] for text in texts]
     monkeypatch.setattr(ilora, "generate", fake_generate)
     model = tiny_model("llama")
     ilora.inject_lora(model, r=4, alpha=8)
-    preds = ilora.predict(model, tiny_tokenizer(), tasks, ilora.Config(), {"A": 3, "B": 5, "C": 3}, "fast")
+    preds = ilora.predict(model, tiny_tokenizer(), prompt_ids, ilora.Config(), {"A": 3, "B": 5, "C": 3}, "fast")
     assert ilora.score(tasks, preds, {"A": "em", "B": "em", "C": "em"}, "test") == [0.5, 1.0, 1.0]
     assert calls == [(3, ["a1", "a2", "c1", "c2"]), (5, ["b1"])]
+
+def test_a_run_tokenizes_each_prompt_once_however_many_passes_score_it(tmp_path, model_dir, monkeypatch):
+    seen = Counter()
+    real_load = ilora.load_model
+    def load_model(*args):  # count the texts the run's tokenizer is given
+        model, tok = real_load(*args)
+        real_call = type(tok).__call__
+        monkeypatch.setattr(type(tok), "__call__", lambda self, text, *a, **k: seen.update([text]) or
+                            real_call(self, text, *a, **k))
+        return model, tok
+    monkeypatch.setattr(ilora, "load_model", load_model)
+    task = write_task(tmp_path / "t")  # each prompt in two records of each split
+    ilora.main(base_args(model_dir, tmp_path, "--tasks", str(task), "--epochs", "1", "--eval-learner", "both"))
+    assert len(json.loads((tmp_path / "out" / "results.json").read_text())["R"]["slow"]) == 2  # 3 passes scored
+    assert seen["what colour is the cat"] == 2 + 2  # its two training records and its two test records, once each
 
 # ---- task files, bad input, outputs ------------------------------------------------------------------------------
 

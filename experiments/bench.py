@@ -19,7 +19,7 @@ Under torchrun every process builds the same rows, and ilora.train_step gives ea
 the step time is rank 0's, tokens/s and the MFU are the global batch's (the MFU over all the processes' cards),
 and the peak memory is one process's. The peft comparators and the evaluation pass are left out under torchrun.
 """
-import argparse, gc, os, pathlib, statistics, sys, time, warnings
+import argparse, gc, inspect, os, pathlib, statistics, sys, time, warnings
 
 import torch
 import torch.nn as nn
@@ -210,6 +210,8 @@ def time_eval(model, tok, layers, args, device, gen):
     prompts = [torch.randint(3, model.config.vocab_size, (T,), generator=gen).tolist() for _ in range(n)]
     if not isinstance(tok, IdTokenizer):
         prompts = [tok.decode(p) for p in prompts]
+    if "prompt_ids" in inspect.signature(ilora.predict).parameters:  # today's: a run tokenizes its prompts once,
+        prompts = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]  # generate() takes the ids
     model.eval()
     static = args.compile and device.type == "cuda"
     if hasattr(ilora, "STATIC_CACHE_WRONG"):  # today's: generate() decodes one batch, predict() cuts them

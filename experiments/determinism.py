@@ -64,12 +64,12 @@ def main():
     ilora.inject_lora(model, r=8, alpha=16)
     small = {name: {"train": splits["train"], "test": splits["test"][:75]} for name, splits in tasks.items()}
     cfg.eval_split = "test"
-    _, gen_lens = ilora.encode_tasks(tok, small, cfg)
+    _, prompt_ids, gen_lens = ilora.encode_tasks(tok, small, cfg)
     passes = {}
     for name, static in [("static1", True), ("static2", True), ("static3", True), ("dynamic1", False),
                          ("dynamic2", False)]:
         start = time.time()
-        preds = ilora.predict(model, tok, small, cfg, gen_lens, "fast", cfg.eval_batch_size if static else 0)
+        preds = ilora.predict(model, tok, prompt_ids, cfg, gen_lens, "fast", cfg.eval_batch_size if static else 0)
         result[f"{name}_s"] = round(time.time() - start, 2)
         passes[name] = [p for n in small for p in preds[n]]
     for a, b in [("static1", "static2"), ("static2", "static3"), ("dynamic1", "dynamic2"), ("static3", "dynamic2")]:

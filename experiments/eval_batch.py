@@ -28,7 +28,7 @@ def one_size(args):
     tasks = ilora.load_tasks(cfg)
     model, tok = ilora.load_model(cfg.model, device)
     ilora.inject_lora(model, r=8, alpha=16)  # a fresh LoRA: the base model, through the same merged path
-    _, gen_lens = ilora.encode_tasks(tok, tasks, cfg)
+    _, prompt_ids, gen_lens = ilora.encode_tasks(tok, tasks, cfg)
     loaded = torch.cuda.memory_allocated() / 2 ** 30 if device.type == "cuda" else resident_gib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -37,7 +37,7 @@ def one_size(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.time()
-        preds = ilora.predict(model, tok, tasks, cfg, gen_lens, "fast",
+        preds = ilora.predict(model, tok, prompt_ids, cfg, gen_lens, "fast",
                               ilora.static_cache_rows(model, tasks, dataclasses.replace(cfg, kv_cache="static"), 1))
         if device.type == "cuda":
             torch.cuda.synchronize()

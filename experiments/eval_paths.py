@@ -15,12 +15,12 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
 import ilora
 
-def timed_predict(model, tok, tasks, cfg, gen_lens, static):
+def timed_predict(model, tok, prompt_ids, cfg, gen_lens, static):
     torch.cuda.synchronize()
     start = time.time()
-    preds = ilora.predict(model, tok, tasks, cfg, gen_lens, "fast", cfg.eval_batch_size if static else 0)
+    preds = ilora.predict(model, tok, prompt_ids, cfg, gen_lens, "fast", cfg.eval_batch_size if static else 0)
     torch.cuda.synchronize()
-    return time.time() - start, [p for name in tasks for p in preds[name]]
+    return time.time() - start, [p for name in prompt_ids for p in preds[name]]
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -34,13 +34,13 @@ def main():
     tasks = ilora.load_tasks(cfg)
     model, tok = ilora.load_model(cfg.model, torch.device("cuda"))
     ilora.inject_lora(model, r=8, alpha=16)  # a fresh LoRA: the base model, through the same merged path
-    _, gen_lens = ilora.encode_tasks(tok, tasks, cfg)
+    _, prompt_ids, gen_lens = ilora.encode_tasks(tok, tasks, cfg)
     result = {"card": torch.cuda.get_device_name(), "prompts": sum(len(s["test"]) for s in tasks.values())}
-    result["static_first_s"], static = timed_predict(model, tok, tasks, cfg, gen_lens, True)
-    result["static_second_s"], static_again = timed_predict(model, tok, tasks, cfg, gen_lens, True)
-    result["dynamic_s"], dynamic = timed_predict(model, tok, tasks, cfg, gen_lens, False)
+    result["static_first_s"], static = timed_predict(model, tok, prompt_ids, cfg, gen_lens, True)
+    result["static_second_s"], static_again = timed_predict(model, tok, prompt_ids, cfg, gen_lens, True)
+    result["dynamic_s"], dynamic = timed_predict(model, tok, prompt_ids, cfg, gen_lens, False)
     cfg.eval_batch_size = 32
-    result["dynamic_batch32_s"], dynamic32 = timed_predict(model, tok, tasks, cfg, gen_lens, False)
+    result["dynamic_batch32_s"], dynamic32 = timed_predict(model, tok, prompt_ids, cfg, gen_lens, False)
     def differ(a, b):
         return sum(x != y for x, y in zip(a, b))
     result["differ_static_twice"] = differ(static, static_again)

@@ -44,8 +44,8 @@ def main(argv=None):
     load_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, model.config.vocab_size, (448,), generator=gen).tolist() for _ in range(args.rows)]
-    if type(tok).__name__ != "IdTokenizer":  # a real tokenizer: text, as TRACE's prompts are
-        prompts = [tok.decode(q) for q in prompts]
+    if type(tok).__name__ != "IdTokenizer":  # a real tokenizer: text, as TRACE's prompts are, tokenized again
+        prompts = [tok(tok.decode(q))["input_ids"] for q in prompts]
     model.eval()
     static_rows = 0 if args.dynamic_cache else ilora.static_cache_rows(
         model, {}, ilora.Config(eval_batch_size=args.rows, kv_cache="static"), 1)  # GPU and a model it suits

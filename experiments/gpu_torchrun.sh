@@ -7,7 +7,8 @@
 #                                                # COMPILE=--no-compile for the eager step that ilora.py runs
 #   bash experiments/gpu_torchrun.sh trace8 1    # one TRACE-8 ilora run (1 epoch, both learners scored after every
 #   bash experiments/gpu_torchrun.sh trace8 2    # task) at 1 process, then at 2: wall time and R;
-#                                                # EVAL_BATCH=400 scores in batches of 400 instead of 100
+#                                                # EVAL_BATCH=400 scores in batches of 400 instead of 100;
+#                                                # ILORA=.head/ilora.py TAG=head runs another ilora.py
 #   bash experiments/gpu_torchrun.sh evalbatch   # eval_batch.py: a TRACE-8 scoring pass at several batch sizes
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -29,10 +30,14 @@ case "$1" in
         --buffer-size 500 --eval-batch-size ${EVAL_BATCH:-100} --eval-learner both --log-every 50 --method ilora --lr 1e-3
         --lam 0.9 --gamma 0.1"
     SECONDS=0
-    name=trace8_${n}proc${EVAL_BATCH:+_eval$EVAL_BATCH}
-    torchrun --nproc_per_node $n ilora.py $T8 --out /tmp/$name --overwrite > "$OUT/$name.log" 2>&1 || true
+    name=trace8_${n}proc${EVAL_BATCH:+_eval$EVAL_BATCH}${TAG:+_$TAG}
+    # inductor's cache empty, as on a fresh machine: every run pays the same compile
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) torchrun --nproc_per_node $n ${ILORA:-ilora.py} $T8 --out /tmp/$name \
+      --overwrite > "$OUT/$name.log" 2>&1 || true
     echo "$n process(es): wall ${SECONDS} s" | tee -a "$OUT/$name.log"
     cp /tmp/$name/results.json "$OUT/$name.json" || true
+    cp /tmp/$name/predictions.parquet "$OUT/$name.predictions.parquet" || true
+    cp /tmp/$name/config.json "$OUT/$name.config.json" || true
     tail -n 4 "$OUT/$name.log" ;;
   evalbatch)
     python3 experiments/eval_batch.py --model $M --data-dir $D --sizes 8,16,32,64,100,128 \

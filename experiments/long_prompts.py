@@ -18,7 +18,7 @@ def prompt_length(tok, prompt):
 
 def cut_rows(tok, tasks, cfg):
     """{task: (training rows cut, training rows, scored prompts cut, scored prompts, room for a scored prompt)}."""
-    train, gen_lens = ilora.encode_tasks(tok, tasks, cfg)
+    train, _, gen_lens = ilora.encode_tasks(tok, tasks, cfg)
     counts = {}
     for name, splits in tasks.items():
         full = [prompt_length(tok, record["prompt"]) for record in splits["train"]]

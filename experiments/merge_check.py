@@ -19,14 +19,14 @@ import ilora
 
 TRACE8 = "C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten"
 
-def predict(model, layers, tok, tasks, cfg, gen_lens, learner, merge):
+def predict(model, layers, tok, prompt_ids, cfg, gen_lens, learner, merge):
     """ilora.predict through the merged path, or with its merge replaced by switching the wrappers' learner; both
     with ilora.predict's default dynamic cache, so that only the merge differs."""
     real = ilora.merged
     if not merge:
         ilora.merged = lambda model, learner: ilora.use_learner(layers, learner)
     try:
-        return ilora.predict(model, tok, tasks, cfg, gen_lens, learner)
+        return ilora.predict(model, tok, prompt_ids, cfg, gen_lens, learner)
     finally:
         ilora.merged = real
 
@@ -67,7 +67,7 @@ def main():
     ilora.set_seed(0)
     model, tok = ilora.load_model(cfg.model, device)
     layers = ilora.inject_lora(model, None, cfg.r, cfg.alpha, cfg.dropout)
-    train, gen_lens = ilora.encode_tasks(tok, tasks, cfg)
+    train, prompt_ids, gen_lens = ilora.encode_tasks(tok, tasks, cfg)
     first = next(iter(tasks))
     state = {"step": 0, "tokens": 0}
     start = time.time()
@@ -78,7 +78,7 @@ def main():
     for learner in ("slow", "fast"):
         answers, rows = {}, {}
         for merge in (True, False):
-            preds = predict(model, layers, tok, tasks, cfg, gen_lens, learner, merge)
+            preds = predict(model, layers, tok, prompt_ids, cfg, gen_lens, learner, merge)
             answers[merge] = [a for name in tasks for a in preds[name]]
             rows[merge] = ilora.score(tasks, preds, metrics, "eval")
         result[learner] = {

@@ -10,7 +10,8 @@ rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
 - Scoring: the test prompts through ilora.predict as a run scores a learner (merged, sorted, batched by generation
   length), with the static KV cache three times (the first compiles) and with the dynamic cache once. Inside each
   pass, every call of the model's `generate` is timed alone (the device synchronised around it) with its new tokens
-  counted, so that a pass splits into decoding and the rest (tokenizing, sorting, merging, text). One more static
+  counted, so that a pass splits into decoding and the rest (sorting, merging, text; `ilora.py` up to commit
+  2910886 also tokenized every prompt twice a pass). Tokenizing all prompts once is timed apart. One more static
   pass runs under torch.profiler: its busiest host operations are printed.
 - Training: ilora steps (`ilora.train_step`, fresh AdamW as `train_task` makes it) on the task of the shortest rows
   and on that of the longest, the replay rows drawn from a buffer holding every task. Per task: the seconds of
@@ -42,7 +43,7 @@ def timed(device, work):
 def host_table(prof, rows):
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
 
-def scoring(model, tok, tasks, cfg, gen_lens, device, prof_rows):
+def scoring(model, tok, tasks, prompt_ids, cfg, gen_lens, device, prof_rows):
     """Passes of ilora.predict, each split into generate() calls and the rest."""
     calls = []  # (seconds, rows, prompt width, new tokens) of each generate() call in the current pass
     plain_generate = model.generate
@@ -58,7 +59,7 @@ def scoring(model, tok, tasks, cfg, gen_lens, device, prof_rows):
     passes = []
     for cache, rows in [("static", static_rows)] * 3 + [("dynamic", 0)]:
         calls.clear()
-        seconds, _ = timed(device, lambda: ilora.predict(model, tok, tasks, cfg, gen_lens, "slow", rows))
+        seconds, _ = timed(device, lambda: ilora.predict(model, tok, prompt_ids, cfg, gen_lens, "slow", rows))
         decoding = sum(c[0] for c in calls)
         passes.append({"cache": cache if device.type == "cuda" else "dynamic (CPU)", "seconds": round(seconds, 3),
                        "in_generate": round(decoding, 3), "outside_generate": round(seconds - decoding, 3),
@@ -69,7 +70,7 @@ def scoring(model, tok, tasks, cfg, gen_lens, device, prof_rows):
     prompts = [record["prompt"] for name in tasks for record in tasks[name][cfg.eval_split]]
     tokenize_s, _ = timed(device, lambda: [tok(p, add_special_tokens=True)["input_ids"] for p in prompts])
     with torch.profiler.profile(activities=profiler_activities(device)) as prof:
-        ilora.predict(model, tok, tasks, cfg, gen_lens, "slow", static_rows)
+        ilora.predict(model, tok, prompt_ids, cfg, gen_lens, "slow", static_rows)
         sync(device)
     del model.generate
     return {"passes": passes, "tokenize_all_prompts_once_s": round(tokenize_s, 3), "prompts": len(prompts),
@@ -144,12 +145,12 @@ def main(argv=None):
     other["fingerprint_s"], _ = timed(device, lambda: ilora.fingerprint(cfg, tasks))
     ilora.set_seed(cfg.seed)
     layers = ilora.inject_lora(model, ilora.lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
-    other["encode_tasks_s"], (train, gen_lens) = timed(device, lambda: ilora.encode_tasks(tok, tasks, cfg))
+    other["encode_tasks_s"], (train, prompt_ids, gen_lens) = timed(device, lambda: ilora.encode_tasks(tok, tasks, cfg))
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "ilora_sha1": ilora.hashlib.sha1(pathlib.Path(ilora.__file__).read_bytes()).hexdigest(),
               "gen_lens": gen_lens}
     result["training"] = training(model, layers, tok, tasks, train, cfg, device, args.steps, args.profile_rows)
-    result["scoring"] = scoring(model, tok, tasks, cfg, gen_lens, device, args.profile_rows)
+    result["scoring"] = scoring(model, tok, tasks, prompt_ids, cfg, gen_lens, device, args.profile_rows)
     buffer = ilora.ReplayBuffer(cfg.buffer_size, cfg.seed)
     buffer.add([row for rows in train.values() for row in rows][: cfg.buffer_size], 1)
     with tempfile.TemporaryDirectory() as folder:

@@ -25,14 +25,14 @@ def test_the_unmerged_path_scores_through_the_wrappers_and_restores_the_merge(tm
     tok = tiny_tokenizer()
     layers = ilora.inject_lora(model, None, 4, 8.0)
     cfg = ilora.Config(model=str(model_dir), tasks=str(write_task(tmp_path / "t")), max_len=64, max_new_tokens=4)
-    tasks = ilora.load_tasks(cfg)
+    _, prompt_ids, _ = ilora.encode_tasks(tok, ilora.load_tasks(cfg), cfg)
     calls = []
     real = ilora.merged
     ilora.merged = lambda model, learner: calls.append(learner) or real(model, learner)
     try:
-        merge_check.predict(model, layers, tok, tasks, cfg, {"t": 4}, "slow", merge=False)
+        merge_check.predict(model, layers, tok, prompt_ids, cfg, {"t": 4}, "slow", merge=False)
         assert calls == []  # the wrappers answered, not a merged copy
-        merge_check.predict(model, layers, tok, tasks, cfg, {"t": 4}, "slow", merge=True)
+        merge_check.predict(model, layers, tok, prompt_ids, cfg, {"t": 4}, "slow", merge=True)
         assert calls == ["slow"]
     finally:
         ilora.merged = real
