@@ -7,7 +7,9 @@
 A model with LoRA injected (its factors random, so the merge changes the weights) scores 100 prompts of 448 tokens
 with up to 64 new tokens, through ilora.merged and ilora.generate at batch 100, as a run scores one batch. The pass
 runs `--passes` times; the first includes compiling the decoding step. Printed as JSON: each pass's seconds,
-torch's compile counters and its own breakdown of compile time (torch._dynamo.utils.compile_times).
+torch's compile counters and its own breakdown of compile time (torch._dynamo.utils.compile_times). Since commit
+3153502 the prompts are tokenized before the passes, as a run tokenizes them once; the results of commit f3f69b0
+(BENCHMARKS.md) timed the tokenizing inside each pass.
 """
 import argparse, json, pathlib, sys, time
 
