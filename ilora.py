@@ -741,8 +741,8 @@ def static_cache_rows(model, tasks, cfg, n_learners):
     return cfg.eval_batch_size if cfg.kv_cache == "static" or batches >= STATIC_CACHE_MIN_BATCHES else 0
 
 def predict(model, tok, prompt_ids, cfg, gen_lens, learner, static_rows=0):
-    """{task: greedy answers of `learner`} to prompt_ids, {task: its prompts' token ids}. Prompts of one generation
-    length, sorted by length, make the batches; process k decodes batches k, k + WORLD, ...: WORLD changes no answer."""
+    """Greedy answers of `learner` to prompt_ids ({task: its prompts' token ids}), as {task: answers}. Prompts of one
+    generation length, sorted by length, make batches; process k decodes batches k, k + WORLD, ...: WORLD moves none."""
     jobs = []  # (generation length, the prompts' indices in `prompts`)
     prompts = [ids for name in prompt_ids for ids in prompt_ids[name]]  # every task's, in order
     n_new = [gen_lens[name] for name in prompt_ids for _ in prompt_ids[name]]

@@ -205,7 +205,9 @@ def sync_check(step, k, device):
     return {"syncs": len(where), "where": sorted(set(where))}
 
 def time_eval(model, tok, layers, args, device, gen):
-    """One task's evaluation pass: ilora.generate (the shipped path) with the slow learner switched in."""
+    """One task's evaluation pass: ilora.generate (the shipped path) with the slow learner switched in. Today's
+    ilora.py gets the prompts' token ids made before the timing, as a run tokenizes them once; an earlier one (--ilora)
+    tokenizes the text inside each pass, as it ran."""
     n, T = args.eval_prompts, args.row_len - args.gen_tokens
     prompts = [torch.randint(3, model.config.vocab_size, (T,), generator=gen).tolist() for _ in range(n)]
     if not isinstance(tok, IdTokenizer):

@@ -14,14 +14,16 @@ rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
   2910886 also tokenized every prompt twice a pass). Tokenizing all prompts once is timed apart. One more static
   pass runs under torch.profiler: its busiest host operations are printed.
 - Training: ilora steps (`ilora.train_step`, fresh AdamW as `train_task` makes it) on the task of the shortest rows
-  and on that of the longest, the replay rows drawn from a buffer holding every task. Per task: the seconds of
-  `--steps` steps with one synchronisation at the end (a run's throughput), then each step timed alone. Then a few
-  steps under torch.profiler, and the same steps with deterministic kernels off.
+  and on that of the longest, the replay rows drawn from a buffer holding every task (so the steps' widths, which
+  the longest row sets, differ less than the tasks' rows: both are recorded). Per task: the seconds of `--steps`
+  steps with one synchronisation at the end (a run's throughput), then each step timed alone. Then a few steps
+  under torch.profiler, and the same steps with deterministic kernels off (after one warm-up step).
 - The rest of a run: loading the model, the fingerprint, one adapter saved, one checkpoint saved.
 """
-import argparse, json, pathlib, statistics, sys, tempfile, time
+import argparse, json, os, pathlib, statistics, sys, tempfile, time
 
 import torch
+import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
 import ilora
@@ -83,7 +85,8 @@ def profiler_activities(device):
     return activities
 
 def training(model, layers, tok, tasks, train, cfg, device, n_steps, prof_rows):
-    """ilora steps on the tasks of the shortest and the longest rows, replaying from a buffer of every task."""
+    """ilora steps on the tasks of the shortest and the longest rows, replaying from a buffer of every task (so a
+    step's width, its longest row, is often near max_len on either task: recorded as step_width_median)."""
     buffer = ilora.ReplayBuffer(cfg.buffer_size, cfg.seed)
     for t, name in enumerate(train, start=1):
         buffer.add(train[name], t)
@@ -94,26 +97,32 @@ def training(model, layers, tok, tasks, train, cfg, device, n_steps, prof_rows):
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     model.train()
     step = [100]  # past the slow learner's warm-up, as in a run's later tasks
+    widths = []  # each step's padded length: its longest row, current or replayed
 
     def one_step(name, k):
         rows = train[name]
         current = [rows[(k * cfg.batch_size + i) % len(rows)] for i in range(cfg.batch_size)]
+        replay = buffer.sample(cfg.batch_size)
+        widths.append(max(len(ids) for ids, _ in current + replay))
         step[0] += 1
-        return ilora.train_step(model, layers, optimizer, sched, current, buffer.sample(cfg.batch_size), cfg, step[0])
+        return ilora.train_step(model, layers, optimizer, sched, current, replay, cfg, step[0])
 
     results = {}
     for name in picks:
         one_step(name, 0)  # warm-up: allocator, kernels' first launches
+        widths.clear()
         together, _ = timed(device, lambda: [one_step(name, k) for k in range(n_steps)])
+        width = statistics.median(widths)
         alone = [timed(device, lambda: one_step(name, k))[0] for k in range(n_steps)]
         with torch.profiler.profile(activities=profiler_activities(device)) as prof:
             for k in range(3):
                 one_step(name, k)
             sync(device)
         torch.use_deterministic_algorithms(False)
+        one_step(name, 0)  # warm-up: other kernels
         nondeterministic, _ = timed(device, lambda: [one_step(name, k) for k in range(n_steps)])
         torch.use_deterministic_algorithms(cfg.deterministic)
-        results[name] = {"mean_row_tokens": round(mean_len[name], 1), "steps": n_steps,
+        results[name] = {"mean_row_tokens": round(mean_len[name], 1), "step_width_median": width, "steps": n_steps,
                          "ms_per_step_one_sync": round(1000 * together / n_steps, 1),
                          "ms_per_step_each_synced_median": round(1000 * statistics.median(alone), 1),
                          "ms_per_step_each_synced": [round(1000 * s, 1) for s in alone],
@@ -147,6 +156,7 @@ def main(argv=None):
     layers = ilora.inject_lora(model, ilora.lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
     other["encode_tasks_s"], (train, prompt_ids, gen_lens) = timed(device, lambda: ilora.encode_tasks(tok, tasks, cfg))
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
               "ilora_sha1": ilora.hashlib.sha1(pathlib.Path(ilora.__file__).read_bytes()).hexdigest(),
               "gen_lens": gen_lens}
     result["training"] = training(model, layers, tok, tasks, train, cfg, device, args.steps, args.profile_rows)
