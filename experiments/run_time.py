@@ -3,6 +3,7 @@
     python experiments/run_time.py --model /root/ilora-model/smollm2-135m-instruct \\
         --data-dir /root/ilora-data/trace_500 --out run_time.json          # one GPU: about 4 minutes
     python experiments/run_time.py --data-dir ../shared/data/trace_500 --per-task 2 --steps 2 --max-len 128  # CPU smoke
+    python experiments/run_time.py ... --steps 0 --no-deterministic   # scoring alone, deterministic kernels off
 
 The settings are `gpu_torchrun.sh trace8`'s (max_len 768, up to 64 new tokens, batches of 100, batch 8 + 8 replay
 rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
@@ -139,15 +140,19 @@ def main(argv=None):
     p.add_argument("--tasks", default=TRACE8)
     p.add_argument("--per-task", type=int, default=0, help="test prompts and training rows per task, 0 = all")
     p.add_argument("--max-len", type=int, default=768, help="a run's --max-len (shorter for a CPU smoke test)")
-    p.add_argument("--steps", type=int, default=30, help="training steps timed per task")
+    p.add_argument("--steps", type=int, default=30, help="training steps timed per task, 0 = scoring alone")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="strict deterministic kernels, as ilora.py runs by default")
     p.add_argument("--profile-rows", type=int, default=30, help="host operations printed per profile")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     cfg = ilora.Config(model=args.model, data_dir=args.data_dir, tasks=args.tasks, epochs=1, batch_size=8,
                        max_len=args.max_len, max_new_tokens=64, eval_batch_size=100, eval_learner="both",
-                       lam=0.9, gamma=0.1, max_test=args.per_task, max_train=args.per_task)
+                       lam=0.9, gamma=0.1, max_test=args.per_task, max_train=args.per_task,
+                       deterministic=args.deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ilora.make_deterministic(cfg.deterministic)
+    torch.use_deterministic_algorithms(cfg.deterministic)  # off as well, when an earlier caller in this process set it
     tasks = ilora.load_tasks(cfg)
     other = {}
     other["load_model_s"], (model, tok) = timed(device, lambda: ilora.load_model(cfg.model, device))
@@ -158,8 +163,10 @@ def main(argv=None):
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
               "ilora_sha1": ilora.hashlib.sha1(pathlib.Path(ilora.__file__).read_bytes()).hexdigest(),
-              "gen_lens": gen_lens}
-    result["training"] = training(model, layers, tok, tasks, train, cfg, device, args.steps, args.profile_rows)
+              "deterministic": cfg.deterministic, "gen_lens": gen_lens}
+    result["training"] = {}
+    if args.steps:
+        result["training"] = training(model, layers, tok, tasks, train, cfg, device, args.steps, args.profile_rows)
     result["scoring"] = scoring(model, tok, tasks, prompt_ids, cfg, gen_lens, device, args.profile_rows)
     buffer = ilora.ReplayBuffer(cfg.buffer_size, cfg.seed)
     buffer.add([row for rows in train.values() for row in rows][: cfg.buffer_size], 1)

@@ -25,3 +25,11 @@ def test_run_time_splits_scoring_passes_and_times_steps_on_the_shortest_and_long
     assert "Self CPU time total" in scoring["profile"]
     assert set(result["other"]) == {"load_model_s", "fingerprint_s", "encode_tasks_s", "save_adapter_s",
                                     "save_checkpoint_s"}
+
+def test_run_time_scores_alone_with_no_steps_and_records_the_kernels_mode(tmp_path, model_dir):
+    write_task(tmp_path / "data" / "t")
+    out = tmp_path / "run_time.json"
+    run_time.main(["--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--tasks", "t", "--steps", "0",
+                   "--no-deterministic", "--max-len", "96", "--profile-rows", "5", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["training"] == {} and result["deterministic"] is False and len(result["scoring"]["passes"]) == 4
