@@ -28,12 +28,9 @@ import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
 import ilora
+from bench import sync
 
 TRACE8 = "C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten"
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 def timed(device, work):
     """(seconds, result) of work(), the device synchronised before and after."""
