@@ -73,7 +73,7 @@ def scoring(model, tok, tasks, prompt_ids, cfg, gen_lens, device, prof_rows):
         ilora.predict(model, tok, prompt_ids, cfg, gen_lens, "slow", static_rows)
         sync(device)
     del model.generate
-    return {"passes": passes, "tokenize_all_prompts_once_s": round(tokenize_s, 3), "prompts": len(prompts),
+    return {"passes": passes, "tokenize_all_prompts_once_s": round(tokenize_s, 6), "prompts": len(prompts),
             "profile": host_table(prof, prof_rows)}
 
 def profiler_activities(device):
