@@ -339,9 +339,8 @@ def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
 # Task loop: epochs over one task's examples; replay from the second task on; the buffer fills as the task goes.
 
 def set_seed(seed, task=0, rank=0):
-    """Seed task `task`'s data order and dropout (0: before the first; LoRA init): every task starts from its own
-    seed, so a run resumed at a task boundary draws what an uninterrupted run draws; torch's random state is not saved.
-    torch's CPU generator keeps only the low 32 bits of a seed, so (seed, task, rank) is hashed into 32 bits."""
+    """Seed task `task`'s data order and dropout (0: LoRA init): each task starts from its own seed, so a run resumed at
+    a task boundary draws what an uninterrupted one draws. (seed, task, rank) is hashed to the 32 bits torch keeps."""
     digest = hashlib.sha256(f"{seed},{task},{rank}".encode()).digest()
     torch.manual_seed(int.from_bytes(digest[:4], "little"))  # also seeds every CUDA device
 
@@ -612,8 +611,7 @@ def load_tasks(cfg):
 # nothing is stripped, and an empty prediction scores 0 (except in SARI, which TRACE scores as it is).
 
 def lcs_words(x, y):
-    """The words on the longest common subsequence of word lists x and y, as the `rouge` package's traceback
-    picks them (on ties it steps along y)."""
+    """The words of a longest common subsequence of word lists x and y, as `rouge` traces it (on a tie, along y)."""
     table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
     for i, j in itertools.product(range(1, len(x) + 1), range(1, len(y) + 1)):
         if x[i - 1] == y[j - 1]:
@@ -1078,10 +1076,12 @@ def encode_tasks(tok, tasks, cfg):
     return train, prompt_ids, gen_lens
 
 def make_deterministic(on):
-    """GPU kernels that give the same bits on every run (CPU kernels do already): the same command, the same R."""
+    """GPU kernels that give the same bits on every run (CPU kernels do already): the same command, the same R. Not
+    strict mode's NaN in each new tensor, a kernel apiece to expose reads of unwritten memory: a run makes none."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when it starts
         torch.use_deterministic_algorithms(True)  # strict: with warn_only, cuDNN attention stays nondeterministic
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
 def run(cfg):
     """Train cfg.method over the task sequence; returns the results dict also written to cfg.out/results.json."""
