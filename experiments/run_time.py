@@ -18,10 +18,12 @@ rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
   and on that of the longest, the replay rows drawn from a buffer holding every task (so the steps' widths, which
   the longest row sets, differ less than the tasks' rows: both are recorded). Per task: the seconds of `--steps`
   steps with one synchronisation at the end (a run's throughput), then each step timed alone. Then a few steps
-  under torch.profiler, and the same steps with deterministic kernels off (after one warm-up step).
+  under torch.profiler, and the same steps with deterministic kernels off (after one warm-up step); then, in strict
+  mode, the same steps with its NaN fill of every new tensor on and off (`ilora.py` up to commit b66eb18 left it
+  on), alternated, with the fills a step launches.
 - The rest of a run: loading the model, the fingerprint, one adapter saved, one checkpoint saved.
 """
-import argparse, json, os, pathlib, statistics, sys, tempfile, time
+import argparse, collections, json, os, pathlib, statistics, sys, tempfile, time
 
 import torch
 import transformers
@@ -120,15 +122,48 @@ def training(model, layers, tok, tasks, train, cfg, device, n_steps, prof_rows):
         one_step(name, 0)  # warm-up: other kernels
         nondeterministic, _ = timed(device, lambda: [one_step(name, k) for k in range(n_steps)])
         torch.use_deterministic_algorithms(cfg.deterministic)
+        nan_fill = nan_fill_cost(device, lambda k: one_step(name, k), n_steps) if cfg.deterministic else None
         results[name] = {"mean_row_tokens": round(mean_len[name], 1), "step_width_median": width, "steps": n_steps,
                          "ms_per_step_one_sync": round(1000 * together / n_steps, 1),
                          "ms_per_step_each_synced_median": round(1000 * statistics.median(alone), 1),
                          "ms_per_step_each_synced": [round(1000 * s, 1) for s in alone],
                          "ms_per_step_nondeterministic_one_sync": round(1000 * nondeterministic / n_steps, 1),
+                         "nan_fill": nan_fill,
                          "profile": host_table(prof, prof_rows)}
         print("training", name, json.dumps({k: v for k, v in results[name].items()
                                             if k not in ("profile", "ms_per_step_each_synced")}), flush=True)
     return results
+
+def caller_names(event, depth):
+    """The names of the profiler events that an event ran inside, the nearest first."""
+    names = []
+    while event.cpu_parent is not None and len(names) < depth:
+        event = event.cpu_parent
+        names.append(event.name)
+    return names
+
+def nan_fill_cost(device, step, n_steps):
+    """Strict mode's NaN in every new tensor, which ilora.make_deterministic leaves off, against none: the fills a
+    step launches, counted by the profiler with the operations they ran inside, and the seconds of n_steps steps with
+    one sync, the two settings alternated twice (each after a warm-up step) so that a drift of the machine falls on
+    both."""
+    keep = torch.utils.deterministic.fill_uninitialized_memory
+    result = {}
+    for fill in (True, False, True, False):
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        key = "with_nan_fill" if fill else "without"
+        step(0)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step(1)
+            sync(device)
+        fills = [event for event in prof.events() if event.name == "aten::fill_"]
+        callers = collections.Counter(" < ".join(caller_names(event, 3)) for event in fills)
+        seconds, _ = timed(device, lambda: [step(k) for k in range(n_steps)])
+        result.setdefault(key, {"fill_calls_a_step": len(fills), "callers": dict(callers.most_common(5)),
+                                "ms_per_step_one_sync": []})
+        result[key]["ms_per_step_one_sync"].append(round(1000 * seconds / n_steps, 1))
+    torch.utils.deterministic.fill_uninitialized_memory = keep
+    return result
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
