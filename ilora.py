@@ -611,7 +611,7 @@ def load_tasks(cfg):
 # nothing is stripped, and an empty prediction scores 0 (except in SARI, which TRACE scores as it is).
 
 def lcs_words(x, y):
-    """The words of a longest common subsequence of word lists x and y, as `rouge` traces it (on a tie, along y)."""
+    """The words of a longest common subsequence of word lists x and y, as `rouge` traces it (a tie steps back in y)."""
     table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
     for i, j in itertools.product(range(1, len(x) + 1), range(1, len(y) + 1)):
         if x[i - 1] == y[j - 1]:
@@ -1076,8 +1076,8 @@ def encode_tasks(tok, tasks, cfg):
     return train, prompt_ids, gen_lens
 
 def make_deterministic(on):
-    """GPU kernels that give the same bits on every run (CPU kernels do already): the same command, the same R. Not
-    strict mode's NaN in each new tensor, a kernel apiece to expose reads of unwritten memory: a run makes none."""
+    """GPU kernels that give the same bits on every run (CPU kernels do already): the same command, the same R.
+    Without strict mode's NaN in torch.empty's tensors: a fill kernel each, which only exposes reads of unset memory."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when it starts
         torch.use_deterministic_algorithms(True)  # strict: with warn_only, cuDNN attention stays nondeterministic

@@ -387,10 +387,9 @@ def test_resume_after_a_crash_gives_identical_results(tmp_path, model_dir, monke
     assert a["buffer"]["seen"] == b["buffer"]["seen"] and torch.equal(a["buffer"]["gen"], b["buffer"]["gen"])
     assert all(torch.equal(x[0], y[0]) for x, y in zip(a["buffer"]["items"], b["buffer"]["items"]))
 
-
-def test_a_run_reads_no_unwritten_memory_so_strict_mode_s_nan_fill_moves_no_bit(tmp_path, model_dir, monkeypatch):
-    # ilora.py turns off strict mode's NaN in every new tensor; with it on, a read of memory that no kernel wrote
-    # would carry NaN (or the largest integer) into the run, and its R or learners would differ
+def test_strict_mode_s_nan_fill_moves_no_bit_of_a_run(tmp_path, model_dir, monkeypatch):
+    # ilora.py turns off strict mode's NaN in the tensors torch.empty and its kin make; with it on, a read of memory
+    # that no kernel wrote would carry NaN (or the largest integer) into the run, and its R or learners would differ
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)  # restored afterwards
     args = base_args(model_dir, tmp_path, "--tasks", two_tasks(tmp_path), "--dropout", "0.1", "--eval-learner", "both")
     plain = ilora.main(args + ["--out", str(tmp_path / "plain")])
@@ -405,6 +404,7 @@ def test_a_run_reads_no_unwritten_memory_so_strict_mode_s_nan_fill_moves_no_bit(
     assert max(max(row) for row in plain["R"]["slow"][1:]) > 0 and filled["R"] == plain["R"]
     assert_same_tensors(adapters(tmp_path / "filled"), adapters(tmp_path / "plain"))
     assert_same_tensors(checkpoint_tensors(tmp_path / "filled"), checkpoint_tensors(tmp_path / "plain"))
+
 # ---- replay buffer --------------------------------------------------------------------------------------------
 
 def test_reservoir_keeps_capacity_and_is_deterministic():

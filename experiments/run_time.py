@@ -19,8 +19,8 @@ rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
   the longest row sets, differ less than the tasks' rows: both are recorded). Per task: the seconds of `--steps`
   steps with one synchronisation at the end (a run's throughput), then each step timed alone. Then a few steps
   under torch.profiler, and the same steps with deterministic kernels off (after one warm-up step); then, in strict
-  mode, the same steps with its NaN fill of every new tensor on and off (`ilora.py` up to commit b66eb18 left it
-  on), alternated, with the fills a step launches.
+  mode, the same steps with its NaN fill of torch.empty's tensors on and off (`ilora.py` up to commit b66eb18 left
+  it on), in the order on, off, off, on, with the fills a step launches.
 - The rest of a run: loading the model, the fingerprint, one adapter saved, one checkpoint saved.
 """
 import argparse, collections, json, os, pathlib, statistics, sys, tempfile, time
@@ -143,26 +143,28 @@ def caller_names(event, depth):
     return names
 
 def nan_fill_cost(device, step, n_steps):
-    """Strict mode's NaN in every new tensor, which ilora.make_deterministic leaves off, against none: the fills a
-    step launches, counted by the profiler with the operations they ran inside, and the seconds of n_steps steps with
-    one sync, the two settings alternated twice (each after a warm-up step) so that a drift of the machine falls on
-    both."""
+    """Strict mode's NaN in the tensors torch.empty and its kin make, which ilora.make_deterministic leaves off,
+    against none: the fills a step launches, counted by the profiler with the operations they ran inside, and the
+    seconds of n_steps steps with one sync, in the order on, off, off, on (each after a warm-up step), so that a
+    steady drift of the machine falls on both alike."""
     keep = torch.utils.deterministic.fill_uninitialized_memory
     result = {}
-    for fill in (True, False, True, False):
-        torch.utils.deterministic.fill_uninitialized_memory = fill
-        key = "with_nan_fill" if fill else "without"
-        step(0)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step(1)
-            sync(device)
-        fills = [event for event in prof.events() if event.name == "aten::fill_"]
-        callers = collections.Counter(" < ".join(caller_names(event, 3)) for event in fills)
-        seconds, _ = timed(device, lambda: [step(k) for k in range(n_steps)])
-        result.setdefault(key, {"fill_calls_a_step": len(fills), "callers": dict(callers.most_common(5)),
-                                "ms_per_step_one_sync": []})
-        result[key]["ms_per_step_one_sync"].append(round(1000 * seconds / n_steps, 1))
-    torch.utils.deterministic.fill_uninitialized_memory = keep
+    try:
+        for fill in (True, False, False, True):
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+            key = "with_nan_fill" if fill else "without"
+            step(0)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                step(1)
+                sync(device)
+            fills = [event for event in prof.events() if event.name == "aten::fill_"]
+            callers = collections.Counter(" < ".join(caller_names(event, 3)) for event in fills)
+            seconds, _ = timed(device, lambda: [step(k) for k in range(n_steps)])
+            result.setdefault(key, {"fill_calls_a_step": len(fills), "callers": dict(callers.most_common(5)),
+                                    "ms_per_step_one_sync": []})
+            result[key]["ms_per_step_one_sync"].append(round(1000 * seconds / n_steps, 1))
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = keep
     return result
 
 def main(argv=None):
