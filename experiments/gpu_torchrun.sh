@@ -38,6 +38,7 @@ case "$1" in
     cp /tmp/$name/results.json "$OUT/$name.json" || true
     cp /tmp/$name/predictions.parquet "$OUT/$name.predictions.parquet" || true
     cp /tmp/$name/config.json "$OUT/$name.config.json" || true
+    sha256sum "$OUT/$name.predictions.parquet" || true  # runs that give the same answers give the same file
     tail -n 4 "$OUT/$name.log" ;;
   evalbatch)
     python3 experiments/eval_batch.py --model $M --data-dir $D --sizes 8,16,32,64,100,128 \
