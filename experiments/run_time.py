@@ -23,7 +23,7 @@ rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
   it on), in the order on, off, off, on, with the fills a step launches.
 - The rest of a run: loading the model, the fingerprint, one adapter saved, one checkpoint saved.
 """
-import argparse, collections, json, os, pathlib, statistics, sys, tempfile, time
+import argparse, collections, dataclasses, json, os, pathlib, statistics, sys, tempfile, time
 
 import torch
 import transformers
@@ -57,7 +57,8 @@ def scoring(model, tok, tasks, prompt_ids, cfg, gen_lens, device, prof_rows):
         return out
 
     model.generate = generate  # an instance attribute: ilora.generate calls it as model.generate(...)
-    static_rows = cfg.eval_batch_size if device.type == "cuda" else 0
+    # ilora.py's own rule with the static cache forced: a batch of rows on a GPU, none on a CPU
+    static_rows = ilora.static_cache_rows(model, tasks, dataclasses.replace(cfg, kv_cache="static"), 1)
     passes = []
     for cache, rows in [("static", static_rows)] * 3 + [("dynamic", 0)]:
         calls.clear()
