@@ -206,16 +206,13 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------------------------------------------
 # Encoding and collation: a row is prompt + answer + eos, and the loss is on the answer.
 
-def encode(tok, prompt, answer, max_len):
-    """Token ids of prompt + answer + eos, and the prompt's length. Too long a row loses the left end of its
-    prompt. An answer that does not fit beside one prompt token keeps its start and no eos: it does not end there,
-    and the model must not learn to stop there."""
-    prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
-    answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    answer_ids = answer_ids[: max_len - 1]
+def encode(prompt_ids, answer_ids, eos_id, max_len):
+    """prompt + answer + eos as one row of token ids, and the prompt's length. Too long a row loses the left end of
+    its prompt. An answer that does not fit beside one prompt token keeps its start and no eos: it does not end
+    there, and the model must not learn to stop there."""
+    answer_ids = (answer_ids + [eos_id])[: max_len - 1]
     n_cut = max(0, len(prompt_ids) + len(answer_ids) - max_len)
-    prompt_ids = prompt_ids[n_cut:]
-    return torch.tensor(prompt_ids + answer_ids, dtype=torch.int32), len(prompt_ids)
+    return torch.tensor(prompt_ids[n_cut:] + answer_ids, dtype=torch.int32), len(prompt_ids) - n_cut
 
 def collate(rows, pad_id, device):
     """Right-pad (ids, n_prompt) rows into ids (B, L), mask (B, L): 1 on real tokens, labels (B, L): -100 on prompt
@@ -1064,15 +1061,18 @@ def check_inputs(cfg, device):
 
 def encode_tasks(tok, tasks, cfg):
     """Each task's training examples (ids, n_prompt), its cfg.eval_split prompts' token ids (tokenized once: a run
-    scores them after every task) and its generation length (longest answer + 8, <= --max-new-tokens)."""
+    scores them after every task) and its generation length (longest answer + 8, <= --max-new-tokens). One tokenizer
+    call a list: a fast tokenizer takes a list several times faster than its texts one at a time."""
     train = {}
     prompt_ids = {}
     gen_lens = {}
     for name, splits in tasks.items():
-        train[name] = [encode(tok, record["prompt"], record["answer"], cfg.max_len) for record in splits["train"]]
-        prompt_ids[name] = [tok(record["prompt"])["input_ids"] for record in splits[cfg.eval_split]]
-        longest = max(len(tok(record["answer"], add_special_tokens=False)["input_ids"]) for record in splits["train"])
-        gen_lens[name] = min(cfg.max_new_tokens, longest + 8)
+        prompts = tok([record["prompt"] for record in splits["train"]])["input_ids"]
+        answers = tok([record["answer"] for record in splits["train"]], add_special_tokens=False)["input_ids"]
+        train[name] = [encode(prompt, answer, tok.eos_token_id, cfg.max_len)
+                       for prompt, answer in zip(prompts, answers)]
+        prompt_ids[name] = tok([record["prompt"] for record in splits[cfg.eval_split]])["input_ids"]
+        gen_lens[name] = min(cfg.max_new_tokens, max(len(answer) for answer in answers) + 8)
     return train, prompt_ids, gen_lens
 
 def make_deterministic(on):

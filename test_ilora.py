@@ -452,22 +452,28 @@ def test_replay_starts_with_the_second_task(tmp_path, model_dir, monkeypatch):
 
 # ---- encoding and losses ----------------------------------------------------------------------------------------
 
+def encode(tok, prompt, answer, max_len):
+    """ilora.encode of one record, tokenized as ilora.encode_tasks tokenizes a task's records."""
+    prompt_ids = tok(prompt)["input_ids"]
+    answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+    return ilora.encode(prompt_ids, answer_ids, tok.eos_token_id, max_len)
+
 def test_long_prompt_is_cut_from_the_left_and_answer_kept():
     tok = tiny_tokenizer()
-    ids, n_prompt = ilora.encode(tok, " ".join(["the"] * 50 + ["sky"]), "blue", max_len=10)
+    ids, n_prompt = encode(tok, " ".join(["the"] * 50 + ["sky"]), "blue", max_len=10)
     assert len(ids) == 10 and n_prompt == 8  # this tokenizer adds no BOS
     assert tok.decode(ids[n_prompt:].tolist()) == "blue </s>" and tok.decode(ids[n_prompt - 1:n_prompt]) == "sky"
 
 def test_an_answer_that_fits_is_kept_whole_with_its_eos():
     tok = tiny_tokenizer()
     answer = " ".join(["red"] * 10)  # 10 tokens + eos = 11 of max_len 12: one prompt token still fits
-    ids, n_prompt = ilora.encode(tok, "what colour is the sky", answer, max_len=12)
+    ids, n_prompt = encode(tok, "what colour is the sky", answer, max_len=12)
     assert len(ids) == 12 and n_prompt == 1 and tok.decode(ids[1:].tolist()) == answer + " </s>"
 
 def test_an_answer_too_long_keeps_its_start_and_no_eos():
     tok = tiny_tokenizer()
     answer = " ".join(["red", "blue"] * 10)
-    ids, n_prompt = ilora.encode(tok, "what colour is the sky", answer, max_len=12)
+    ids, n_prompt = encode(tok, "what colour is the sky", answer, max_len=12)
     assert len(ids) == 12 and n_prompt == 1 and tok.eos_token_id not in ids.tolist()
     assert tok.decode(ids[1:].tolist()) == " ".join(answer.split()[:11])
 
@@ -791,18 +797,23 @@ def test_predict_shares_batches_by_generation_length_and_routes_answers_back(mon
 
 def test_a_run_tokenizes_each_prompt_once_however_many_passes_score_it(tmp_path, model_dir, monkeypatch):
     seen = Counter()
+    calls = []
     real_load = ilora.load_model
     def load_model(*args):  # count the texts the run's tokenizer is given
         model, tok = real_load(*args)
         real_call = type(tok).__call__
-        monkeypatch.setattr(type(tok), "__call__", lambda self, text, *a, **k: seen.update([text]) or
-                            real_call(self, text, *a, **k))
+        def call(self, text, *args, **kwargs):
+            calls.append(text)
+            seen.update([text] if isinstance(text, str) else text)
+            return real_call(self, text, *args, **kwargs)
+        monkeypatch.setattr(type(tok), "__call__", call)
         return model, tok
     monkeypatch.setattr(ilora, "load_model", load_model)
     task = write_task(tmp_path / "t")  # each prompt in two records of each split
     ilora.main(base_args(model_dir, tmp_path, "--tasks", str(task), "--epochs", "1", "--eval-learner", "both"))
     assert len(json.loads((tmp_path / "out" / "results.json").read_text())["R"]["slow"]) == 2  # 3 passes scored
     assert seen["what colour is the cat"] == 2 + 2  # its two training records and its two test records, once each
+    assert len(calls) == 3  # one call a list: the task's training prompts, its answers, its test prompts
 
 # ---- task files, bad input, outputs ------------------------------------------------------------------------------
 
@@ -1082,7 +1093,7 @@ def test_chinese_and_german_round_trip_through_the_tokenizer():
     src, gguf = ilora.model_source(ilora.DEFAULT_MODEL)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     for prompt, answer in [("判断以下文本对指定对象的态度：", "支持"), ("Vereinfache:", "Wer seinen Führerausweis abgeben muss")]:
-        ids, n_prompt = ilora.encode(tok, prompt, answer, max_len=64)
+        ids, n_prompt = encode(tok, prompt, answer, max_len=64)
         assert tok.decode(ids[:n_prompt].tolist()) == prompt
         assert tok.decode(ids[n_prompt:-1].tolist()) == answer and ids[-1] == tok.eos_token_id
 

@@ -40,10 +40,10 @@ def main():
     p.add_argument("--out", default="compile_check.json")
     args = p.parse_args()
     _, tok = ilora.load_model(args.model, torch.device("cpu"))
-    rows = lambda task: [ilora.encode(tok, r["prompt"], r["answer"], 768)[:2] for r in
-                         json.loads((pathlib.Path(args.data_dir) / task / "train.json").read_text())]
+    cfg = ilora.Config(data_dir=args.data_dir, tasks="FOMC,C-STANCE,ScienceQA", max_len=768)
+    rows = ilora.encode_tasks(tok, ilora.load_tasks(cfg), cfg)[0]
     n = args.steps * args.batch
-    current, replay = (rows("FOMC") * 4)[:n], (rows("C-STANCE") + rows("ScienceQA"))[:n]
+    current, replay = (rows["FOMC"] * 4)[:n], (rows["C-STANCE"] + rows["ScienceQA"])[:n]
     res = {mode: run(args, mode == "compiled", tok, current, replay) for mode in ("eager", "compiled")}
     print("| step | CE eager | CE compiled | consistency eager | consistency compiled | s eager | s compiled |")
     print("|---|---|---|---|---|---|---|")

@@ -130,8 +130,8 @@ def connectivity(run_dir, grid=11, interp="merged", learner=None, max_eval=0, ba
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
     model, tok = ilora.load_model(cfg.model, device)
-    eval_sets = {n: [ilora.encode(tok, r["prompt"], r["answer"], cfg.max_len)[:2] for r in s["eval"]]
-                 for n, s in tasks.items()}
+    as_training = {n: {**s, "train": s["eval"]} for n, s in tasks.items()}  # the eval records, encoded as rows
+    eval_sets = ilora.encode_tasks(tok, as_training, cfg)[0]
     _, scaling, targets = read_adapter(run_dir / pairs[0][1])
     layers = inject_path_lora(model, targets, cfg.r, scaling, interp)
     alphas = [i / (grid - 1) for i in range(grid)]
