@@ -453,7 +453,7 @@ def test_replay_starts_with_the_second_task(tmp_path, model_dir, monkeypatch):
 # ---- encoding and losses ----------------------------------------------------------------------------------------
 
 def encode(tok, prompt, answer, max_len):
-    """ilora.encode of one record, tokenized as ilora.encode_tasks tokenizes a task's records."""
+    """ilora.encode of one record, each text tokenized alone (encode_tasks tokenizes a task's texts as lists)."""
     prompt_ids = tok(prompt)["input_ids"]
     answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
     return ilora.encode(prompt_ids, answer_ids, tok.eos_token_id, max_len)
@@ -476,6 +476,19 @@ def test_an_answer_too_long_keeps_its_start_and_no_eos():
     ids, n_prompt = encode(tok, "what colour is the sky", answer, max_len=12)
     assert len(ids) == 12 and n_prompt == 1 and tok.eos_token_id not in ids.tolist()
     assert tok.decode(ids[1:].tolist()) == " ".join(answer.split()[:11])
+
+def test_encode_tasks_tokenizes_a_list_as_each_text_alone():
+    tok = tiny_tokenizer()
+    records = [{"prompt": "what colour is the sky", "answer": "blue"},
+               {"prompt": " ".join(["the"] * 20 + ["sea"]), "answer": " ".join(["red", "blue"] * 10)},
+               {"prompt": "a cat", "answer": "yes"}]
+    tasks = {"colours": {"train": records, "test": records[::-1]}}
+    train, prompt_ids, gen_lens = ilora.encode_tasks(tok, tasks, ilora.Config(max_len=12, max_new_tokens=64))
+    alone = [encode(tok, record["prompt"], record["answer"], max_len=12) for record in records]
+    assert [n_prompt for _, n_prompt in train["colours"]] == [n_prompt for _, n_prompt in alone] == [5, 1, 2]
+    assert all(torch.equal(ids, ids_alone) for (ids, _), (ids_alone, _) in zip(train["colours"], alone))
+    assert prompt_ids["colours"] == [tok(record["prompt"])["input_ids"] for record in records[::-1]]  # unpadded
+    assert gen_lens["colours"] == 20 + 8  # the longest answer's tokens + 8
 
 @pytest.mark.parametrize("model_type", sorted(ilora.DEFAULT_TARGETS))
 def test_right_padded_batch_needs_no_attention_mask(model_type):

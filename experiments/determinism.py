@@ -47,8 +47,8 @@ def main():
     tasks = ilora.load_tasks(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = ilora.load_model(cfg.model, device)
-    train = ilora.encode_tasks(tok, tasks, cfg)[0]
-    rows, replay = train["FOMC"], train["C-STANCE"]
+    encoded = ilora.encode_tasks(tok, tasks, cfg)[0]
+    rows, replay = encoded["FOMC"], encoded["C-STANCE"]
     result = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
     runs = [train(model, tok, rows, replay, args.steps, cfg) for _ in range(2)]
     result["train_fast_equal"] = all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))

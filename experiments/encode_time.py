@@ -5,9 +5,10 @@ give the same token ids, row for row.
     git show 5139dfe:ilora.py > /tmp/ilora_5139dfe.py
     python experiments/encode_time.py --data-dir ../shared/data/trace_500 --other /tmp/ilora_5139dfe.py
 """
-import argparse, hashlib, importlib.util, json, pathlib, sys, time
+import argparse, hashlib, importlib.util, json, os, pathlib, sys, time
 
 import torch
+import transformers
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
 import ilora
@@ -38,7 +39,8 @@ def main(argv=None):
     other = load_other(args.other)
     _, tok = ilora.load_model(args.model, torch.device("cpu"))
     sha1 = lambda path: hashlib.sha1(pathlib.Path(path).read_bytes()).hexdigest()
-    result = {"torch": torch.__version__, "this_sha1": sha1(ilora.__file__), "other_sha1": sha1(args.other),
+    result = {"torch": torch.__version__, "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+              "tokenizer": type(tok).__name__, "this_sha1": sha1(ilora.__file__), "other_sha1": sha1(args.other),
               "max_len": {}, "seconds": {"this": [], "other": []}}
     for max_len in (768, 40):  # 40 cuts many prompts and answers
         cfg = ilora.Config(data_dir=args.data_dir, tasks=TRACE8, max_len=max_len)
