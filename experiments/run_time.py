@@ -11,8 +11,9 @@ rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
 - Scoring: the test prompts through ilora.predict as a run scores a learner (merged, sorted, batched by generation
   length), with the static KV cache three times (the first compiles) and with the dynamic cache once. Inside each
   pass, every call of the model's `generate` is timed alone (the device synchronised around it) with its new tokens
-  counted, so that a pass splits into decoding and the rest (sorting, merging, text; `ilora.py` up to commit
-  2910886 also tokenized every prompt twice a pass). Tokenizing all prompts once is timed apart. One more static
+  counted, so that a pass splits into decoding and the rest (sorting, merging, text; `ilora.py` up to commit 2910886
+  also tokenized every prompt twice a pass), and the sha256 of its answers: passes that answer alike, in one run or
+  across runs (strict kernels or not), have the same. Tokenizing all prompts once is timed apart. One more static
   pass runs under torch.profiler: its busiest host operations are printed.
 - Training: ilora steps (`ilora.train_step`, fresh AdamW as `train_task` makes it) on the task of the shortest rows
   and on that of the longest, the replay rows drawn from a buffer holding every task (so the steps' widths, which
@@ -23,7 +24,7 @@ rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
   it on), in the order on, off, off, on, with the fills a step launches.
 - The rest of a run: loading the model, the fingerprint, one adapter saved, one checkpoint saved.
 """
-import argparse, collections, dataclasses, json, os, pathlib, statistics, sys, tempfile, time
+import argparse, collections, dataclasses, hashlib, json, os, pathlib, statistics, sys, tempfile, time
 
 import torch
 import transformers
@@ -62,12 +63,14 @@ def scoring(model, tok, tasks, prompt_ids, cfg, gen_lens, device, prof_rows):
     passes = []
     for cache, rows in [("static", static_rows)] * 3 + [("dynamic", 0)]:
         calls.clear()
-        seconds, _ = timed(device, lambda: ilora.predict(model, tok, prompt_ids, cfg, gen_lens, "slow", rows))
+        seconds, answers = timed(device, lambda: ilora.predict(model, tok, prompt_ids, cfg, gen_lens, "slow", rows))
         decoding = sum(c[0] for c in calls)
+        answers_sha256 = hashlib.sha256(json.dumps(answers, sort_keys=True).encode()).hexdigest()
         passes.append({"cache": cache if device.type == "cuda" else "dynamic (CPU)", "seconds": round(seconds, 3),
                        "in_generate": round(decoding, 3), "outside_generate": round(seconds - decoding, 3),
                        "batches": len(calls), "new_tokens": [c[3] for c in calls],
-                       "prompt_widths": [c[2] for c in calls], "batch_seconds": [round(c[0], 3) for c in calls]})
+                       "prompt_widths": [c[2] for c in calls], "batch_seconds": [round(c[0], 3) for c in calls],
+                       "answers_sha256": answers_sha256})
         print("scoring pass", json.dumps({k: v for k, v in passes[-1].items() if not isinstance(v, list)}),
               "new tokens", passes[-1]["new_tokens"], flush=True)
     prompts = [record["prompt"] for name in tasks for record in tasks[name][cfg.eval_split]]

@@ -27,6 +27,7 @@ def test_run_time_splits_scoring_passes_and_times_steps_on_the_shortest_and_long
         assert 0 < max(one["new_tokens"]) <= max(result["gen_lens"].values())
         assert 0 < one["in_generate"] <= one["seconds"]
     assert "Self CPU time total" in scoring["profile"]
+    assert len({one["answers_sha256"] for one in scoring["passes"]}) == 1  # a CPU answers alike in every pass
     assert set(result["other"]) == {"load_model_s", "fingerprint_s", "encode_tasks_s", "save_adapter_s",
                                     "save_checkpoint_s"}
 
