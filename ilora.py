@@ -1062,7 +1062,7 @@ def check_inputs(cfg, device):
 def encode_tasks(tok, tasks, cfg):
     """Each task's training examples (ids, n_prompt), its cfg.eval_split prompts' token ids (tokenized once: a run
     scores them after every task) and its generation length (longest answer + 8, <= --max-new-tokens). One tokenizer
-    call a list: a fast tokenizer takes a list several times faster than its texts one at a time."""
+    call a list: a fast tokenizer gets through a list faster than through its texts one call at a time."""
     train = {}
     prompt_ids = {}
     gen_lens = {}
