@@ -200,7 +200,7 @@ def main(argv=None):
     other["encode_tasks_s"], (train, prompt_ids, gen_lens) = timed(device, lambda: ilora.encode_tasks(tok, tasks, cfg))
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
-              "ilora_sha1": ilora.hashlib.sha1(pathlib.Path(ilora.__file__).read_bytes()).hexdigest(),
+              "ilora_sha1": hashlib.sha1(pathlib.Path(ilora.__file__).read_bytes()).hexdigest(),
               "deterministic": cfg.deterministic, "gen_lens": gen_lens}
     result["training"] = {}
     if args.steps:
