@@ -4,6 +4,7 @@
         --data-dir /root/ilora-data/trace_500 --out run_time.json          # one GPU: about 4 minutes
     python experiments/run_time.py --data-dir ../shared/data/trace_500 --per-task 2 --steps 2 --max-len 128  # CPU smoke
     python experiments/run_time.py ... --steps 0 --no-deterministic   # scoring alone, deterministic kernels off
+    python experiments/run_time.py ... --steps 0 --compile-backend cudagraphs --no-dynamic-pass
 
 The settings are `gpu_torchrun.sh trace8`'s (max_len 768, up to 64 new tokens, batches of 100, batch 8 + 8 replay
 rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
@@ -13,7 +14,9 @@ rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
   pass, every call of the model's `generate` is timed alone (the device synchronised around it) with its new tokens
   counted, so that a pass splits into decoding and the rest (sorting, merging, text; `ilora.py` up to commit 2910886
   also tokenized every prompt twice a pass), and the sha256 of its answers: passes that answer alike, in one run or
-  across runs (strict kernels or not), have the same. Tokenizing all prompts once is timed apart. One more static
+  across runs (strict kernels or not), have the same. `--compile-backend cudagraphs` compiles the static cache's
+  decoding step with torch's cudagraphs backend (the eager kernels replayed as CUDA graphs, no inductor) instead of
+  transformers' default (inductor's fused kernels, mode reduce-overhead). Tokenizing all prompts once is timed apart. One more static
   pass runs under torch.profiler: its busiest host operations are printed.
 - Training: ilora steps (`ilora.train_step`, fresh AdamW as `train_task` makes it) on the task of the shortest rows
   and on that of the longest, the replay rows drawn from a buffer holding every task (so the steps' widths, which
@@ -46,7 +49,7 @@ def timed(device, work):
 def host_table(prof, rows):
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
 
-def scoring(model, tok, tasks, prompt_ids, cfg, gen_lens, device, prof_rows):
+def scoring(model, tok, tasks, prompt_ids, cfg, gen_lens, device, prof_rows, dynamic_pass=True):
     """Passes of ilora.predict, each split into generate() calls and the rest."""
     calls = []  # (seconds, rows, prompt width, new tokens) of each generate() call in the current pass
     plain_generate = model.generate
@@ -61,7 +64,7 @@ def scoring(model, tok, tasks, prompt_ids, cfg, gen_lens, device, prof_rows):
     # ilora.py's own rule with the static cache forced: a batch of rows on a GPU, none on a CPU
     static_rows = ilora.static_cache_rows(model, tasks, dataclasses.replace(cfg, kv_cache="static"), 1)
     passes = []
-    for cache, rows in [("static", static_rows)] * 3 + [("dynamic", 0)]:
+    for cache, rows in [("static", static_rows)] * 3 + [("dynamic", 0)] * dynamic_pass:
         calls.clear()
         seconds, answers = timed(device, lambda: ilora.predict(model, tok, prompt_ids, cfg, gen_lens, "slow", rows))
         decoding = sum(c[0] for c in calls)
@@ -181,6 +184,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30, help="training steps timed per task, 0 = scoring alone")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="strict deterministic kernels, as ilora.py runs by default")
+    p.add_argument("--compile-backend", choices=["inductor", "cudagraphs"], default="inductor",
+                   help="what compiles the static cache's decoding step: transformers' default, inductor's fused "
+                        "kernels in CUDA graphs, or torch's cudagraphs backend, the eager kernels in CUDA graphs")
+    p.add_argument("--dynamic-pass", action=argparse.BooleanOptionalAction, default=True,
+                   help="a fourth scoring pass, with the dynamic cache")
     p.add_argument("--profile-rows", type=int, default=30, help="host operations printed per profile")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -194,6 +202,8 @@ def main(argv=None):
     tasks = ilora.load_tasks(cfg)
     other = {}
     other["load_model_s"], (model, tok) = timed(device, lambda: ilora.load_model(cfg.model, device))
+    if args.compile_backend != "inductor":  # cudagraphs takes no mode; inductor's reduce-overhead is CUDA graphs
+        model.generation_config.compile_config = transformers.CompileConfig(backend=args.compile_backend, mode=None)
     other["fingerprint_s"], _ = timed(device, lambda: ilora.fingerprint(cfg, tasks))
     ilora.set_seed(cfg.seed)
     layers = ilora.inject_lora(model, ilora.lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
@@ -201,11 +211,13 @@ def main(argv=None):
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
               "ilora_sha1": hashlib.sha1(pathlib.Path(ilora.__file__).read_bytes()).hexdigest(),
-              "deterministic": cfg.deterministic, "gen_lens": gen_lens}
+              "deterministic": cfg.deterministic, "compile_backend": args.compile_backend, "gen_lens": gen_lens}
     result["training"] = {}
     if args.steps:
         result["training"] = training(model, layers, tok, tasks, train, cfg, device, args.steps, args.profile_rows)
-    result["scoring"] = scoring(model, tok, tasks, prompt_ids, cfg, gen_lens, device, args.profile_rows)
+    result["scoring"] = scoring(model, tok, tasks, prompt_ids, cfg, gen_lens, device, args.profile_rows,
+                                args.dynamic_pass)
+    result["compile_config"] = str(getattr(model, "_last_compile_config", None))  # what generate() compiled with
     buffer = ilora.ReplayBuffer(cfg.buffer_size, cfg.seed)
     buffer.add([row for rows in train.values() for row in rows][: cfg.buffer_size], 1)
     with tempfile.TemporaryDirectory() as folder:

@@ -35,6 +35,8 @@ def test_run_time_scores_alone_with_no_steps_and_records_the_kernels_mode(tmp_pa
     write_task(tmp_path / "data" / "t")
     out = tmp_path / "run_time.json"
     run_time.main(["--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--tasks", "t", "--steps", "0",
-                   "--no-deterministic", "--max-len", "96", "--profile-rows", "5", "--out", str(out)])
+                   "--no-deterministic", "--no-dynamic-pass", "--compile-backend", "cudagraphs", "--max-len", "96",
+                   "--profile-rows", "5", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["training"] == {} and result["deterministic"] is False and len(result["scoring"]["passes"]) == 4
+    assert result["training"] == {} and result["deterministic"] is False and len(result["scoring"]["passes"]) == 3
+    assert result["compile_backend"] == "cudagraphs"
