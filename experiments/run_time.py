@@ -5,6 +5,7 @@
     python experiments/run_time.py --data-dir ../shared/data/trace_500 --per-task 2 --steps 2 --max-len 128  # CPU smoke
     python experiments/run_time.py ... --steps 0 --no-deterministic   # scoring alone, deterministic kernels off
     python experiments/run_time.py ... --steps 0 --compile-backend cudagraphs --no-dynamic-pass
+    python experiments/run_time.py ... --steps 0 --compile-backend inductor-kernels   # the decoding step's kernels
 
 The settings are `gpu_torchrun.sh trace8`'s (max_len 768, up to 64 new tokens, batches of 100, batch 8 + 8 replay
 rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
@@ -16,7 +17,9 @@ rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
   also tokenized every prompt twice a pass), and the sha256 of its answers: passes that answer alike, in one run or
   across runs (strict kernels or not), have the same. `--compile-backend cudagraphs` compiles the static cache's
   decoding step with torch's cudagraphs backend (the eager kernels replayed as CUDA graphs, no inductor) instead of
-  transformers' default (inductor's fused kernels, mode reduce-overhead). Tokenizing all prompts once is timed apart. One more static
+  transformers' default (inductor's fused kernels, mode reduce-overhead); `inductor-kernels` launches inductor's
+  kernels one by one, so that the profile lists each. `--no-cudnn-attention` keeps torch from cuDNN's attention, the
+  kernel that strict mode rules out. Tokenizing all prompts once is timed apart. One more static
   pass runs under torch.profiler: its busiest host operations are printed.
 - Training: ilora steps (`ilora.train_step`, fresh AdamW as `train_task` makes it) on the task of the shortest rows
   and on that of the longest, the replay rows drawn from a buffer holding every task (so the steps' widths, which
@@ -37,6 +40,11 @@ import ilora
 from bench import sync
 
 TRACE8 = "C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minuten"
+DECODE_COMPILE = {  # --compile-backend: transformers.CompileConfig's settings, None for transformers' own
+    "inductor": None,  # inductor's fused kernels, replayed as CUDA graphs (mode reduce-overhead)
+    "inductor-kernels": {"backend": "inductor", "mode": "default"},  # the same kernels, launched one by one
+    "cudagraphs": {"backend": "cudagraphs", "mode": None},  # the eager kernels as CUDA graphs; this backend takes no mode
+}
 
 def timed(device, work):
     """(seconds, result) of work(), the device synchronised before and after."""
@@ -184,9 +192,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30, help="training steps timed per task, 0 = scoring alone")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="strict deterministic kernels, as ilora.py runs by default")
-    p.add_argument("--compile-backend", choices=["inductor", "cudagraphs"], default="inductor",
-                   help="what compiles the static cache's decoding step: transformers' default, inductor's fused "
-                        "kernels in CUDA graphs, or torch's cudagraphs backend, the eager kernels in CUDA graphs")
+    p.add_argument("--compile-backend", choices=list(DECODE_COMPILE), default="inductor",
+                   help="what compiles the static cache's decoding step: transformers' default (inductor's fused "
+                        "kernels in CUDA graphs), the same kernels launched one by one (a profile names them), or "
+                        "torch's cudagraphs backend (the eager kernels in CUDA graphs)")
+    p.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="let torch pick cuDNN's attention (it does on an H200 without strict mode)")
     p.add_argument("--dynamic-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="a fourth scoring pass, with the dynamic cache")
     p.add_argument("--profile-rows", type=int, default=30, help="host operations printed per profile")
@@ -202,8 +213,9 @@ def main(argv=None):
     tasks = ilora.load_tasks(cfg)
     other = {}
     other["load_model_s"], (model, tok) = timed(device, lambda: ilora.load_model(cfg.model, device))
-    if args.compile_backend != "inductor":  # cudagraphs takes no mode; inductor's reduce-overhead is CUDA graphs
-        model.generation_config.compile_config = transformers.CompileConfig(backend=args.compile_backend, mode=None)
+    if DECODE_COMPILE[args.compile_backend]:
+        model.generation_config.compile_config = transformers.CompileConfig(**DECODE_COMPILE[args.compile_backend])
+    torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)
     other["fingerprint_s"], _ = timed(device, lambda: ilora.fingerprint(cfg, tasks))
     ilora.set_seed(cfg.seed)
     layers = ilora.inject_lora(model, ilora.lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
@@ -211,7 +223,8 @@ def main(argv=None):
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
               "ilora_sha1": hashlib.sha1(pathlib.Path(ilora.__file__).read_bytes()).hexdigest(),
-              "deterministic": cfg.deterministic, "compile_backend": args.compile_backend, "gen_lens": gen_lens}
+              "deterministic": cfg.deterministic, "compile_backend": args.compile_backend,
+              "cudnn_attention": args.cudnn_attention, "gen_lens": gen_lens}
     result["training"] = {}
     if args.steps:
         result["training"] = training(model, layers, tok, tasks, train, cfg, device, args.steps, args.profile_rows)

@@ -1,6 +1,8 @@
 """Test for run_time.py: every part of a run is timed, on a CPU with a tiny model."""
 import json
 
+import torch
+
 import run_time
 from test_ilora import model_dir, write_task  # noqa: F401
 
@@ -34,9 +36,13 @@ def test_run_time_splits_scoring_passes_and_times_steps_on_the_shortest_and_long
 def test_run_time_scores_alone_with_no_steps_and_records_the_kernels_mode(tmp_path, model_dir):
     write_task(tmp_path / "data" / "t")
     out = tmp_path / "run_time.json"
-    run_time.main(["--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--tasks", "t", "--steps", "0",
-                   "--no-deterministic", "--no-dynamic-pass", "--compile-backend", "cudagraphs", "--max-len", "96",
-                   "--profile-rows", "5", "--out", str(out)])
+    try:
+        run_time.main(["--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--tasks", "t", "--steps", "0",
+                       "--no-deterministic", "--no-dynamic-pass", "--compile-backend", "cudagraphs",
+                       "--no-cudnn-attention", "--max-len", "96", "--profile-rows", "5", "--out", str(out)])
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default again, for the tests after this one
     result = json.loads(out.read_text())
     assert result["training"] == {} and result["deterministic"] is False and len(result["scoring"]["passes"]) == 3
-    assert result["compile_backend"] == "cudagraphs"
+    assert result["compile_backend"] == "cudagraphs" and result["cudnn_attention"] is False
