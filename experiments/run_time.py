@@ -43,7 +43,8 @@ TRACE8 = "C-STANCE,FOMC,MeetingBank,Py150,ScienceQA,NumGLUE-cm,NumGLUE-ds,20Minu
 DECODE_COMPILE = {  # --compile-backend: transformers.CompileConfig's settings, None for transformers' own
     "inductor": None,  # inductor's fused kernels, replayed as CUDA graphs (mode reduce-overhead)
     "inductor-kernels": {"backend": "inductor", "mode": "default"},  # the same kernels, launched one by one
-    "cudagraphs": {"backend": "cudagraphs", "mode": None},  # the eager kernels as CUDA graphs; this backend takes no mode
+    # the eager kernels replayed as CUDA graphs, no inductor; this backend takes no mode
+    "cudagraphs": {"backend": "cudagraphs", "mode": None},
 }
 
 def timed(device, work):
