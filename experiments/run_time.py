@@ -19,7 +19,8 @@ rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
   decoding step with torch's cudagraphs backend (the eager kernels replayed as CUDA graphs, no inductor) instead of
   transformers' default (inductor's fused kernels, mode reduce-overhead); `inductor-kernels` launches inductor's
   kernels one by one, so that the profile lists each. `--no-cudnn-attention` keeps torch from cuDNN's attention, the
-  kernel that strict mode rules out. Tokenizing all prompts once is timed apart. One more static
+  kernel that strict mode rules out; `--blas` picks the library of the matrix products (mm_host.py times their
+  calls). Tokenizing all prompts once is timed apart. One more static
   pass runs under torch.profiler: its busiest host operations are printed.
 - Training: ilora steps (`ilora.train_step`, fresh AdamW as `train_task` makes it) on the task of the shortest rows
   and on that of the longest, the replay rows drawn from a buffer holding every task (so the steps' widths, which
@@ -197,6 +198,8 @@ def main(argv=None):
                    help="what compiles the static cache's decoding step: transformers' default (inductor's fused "
                         "kernels in CUDA graphs), the same kernels launched one by one (a profile names them), or "
                         "torch's cudagraphs backend (the eager kernels in CUDA graphs)")
+    p.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
+                   help="torch.backends.cuda.preferred_blas_library (GPU): which library runs the matrix products")
     p.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=True,
                    help="let torch pick cuDNN's attention (it does on an H200 without strict mode)")
     p.add_argument("--dynamic-pass", action=argparse.BooleanOptionalAction, default=True,
@@ -217,6 +220,8 @@ def main(argv=None):
     if DECODE_COMPILE[args.compile_backend]:
         model.generation_config.compile_config = transformers.CompileConfig(**DECODE_COMPILE[args.compile_backend])
     torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)
+    if device.type == "cuda":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     other["fingerprint_s"], _ = timed(device, lambda: ilora.fingerprint(cfg, tasks))
     ilora.set_seed(cfg.seed)
     layers = ilora.inject_lora(model, ilora.lora_targets(cfg), cfg.r, cfg.alpha, cfg.dropout)
@@ -225,7 +230,7 @@ def main(argv=None):
               "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
               "ilora_sha1": hashlib.sha1(pathlib.Path(ilora.__file__).read_bytes()).hexdigest(),
               "deterministic": cfg.deterministic, "compile_backend": args.compile_backend,
-              "cudnn_attention": args.cudnn_attention, "gen_lens": gen_lens}
+              "cudnn_attention": args.cudnn_attention, "blas": args.blas, "gen_lens": gen_lens}
     result["training"] = {}
     if args.steps:
         result["training"] = training(model, layers, tok, tasks, train, cfg, device, args.steps, args.profile_rows)

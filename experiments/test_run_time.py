@@ -38,11 +38,12 @@ def test_run_time_scores_alone_with_no_steps_and_records_the_kernels_mode(tmp_pa
     out = tmp_path / "run_time.json"
     try:
         run_time.main(["--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--tasks", "t", "--steps", "0",
-                       "--no-deterministic", "--no-dynamic-pass", "--compile-backend", "cudagraphs",
+                       "--no-deterministic", "--no-dynamic-pass", "--compile-backend", "cudagraphs", "--blas", "cublas",
                        "--no-cudnn-attention", "--max-len", "96", "--profile-rows", "5", "--out", str(out)])
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default again, for the tests after this one
     result = json.loads(out.read_text())
     assert result["training"] == {} and result["deterministic"] is False and len(result["scoring"]["passes"]) == 3
-    assert result["compile_backend"] == "cudagraphs" and result["cudnn_attention"] is False
+    assert result["compile_backend"] == "cudagraphs" and result["blas"] == "cublas"
+    assert result["cudnn_attention"] is False
