@@ -6,9 +6,12 @@ first cuBLAS call, keeping the answer. But torch, as its source reads (aten/src/
 commit 26a3905; that 2.11 does too is what mm_host.py checks), also works out cuBLAS's workspace size on every cuBLAS
 call by parsing the variable with a newly built std::regex, which took 75 to 78 us a parse in `cublas_regex.cpp`
 (2-core AMD EPYC, g++ 12 -O2); profiles of SmolLM2's step on an H200 put 72 to 103 us of the host's own time into each
-aten::mm (about 1,100 a step). With the variable gone torch takes its default size, which on a Hopper GPU (sm_90) is
-the same 32 MiB (4096 KiB x 8), so the products should run the same kernels. Whether they do (the same predictions)
-and what it saves is what a run through this script measures against ilora.py.
+aten::mm (about 1,100 a step). With the variable gone torch takes its default size, which on an sm_90 GPU (H100, H200)
+is the same 32 MiB (4096 KiB x 8) and on others is not, so this removes it on sm_90 alone, where the products should
+run the same kernels. cuBLAS reads the variable too, when a handle is created (the backward pass's thread creates its
+own after the removal), but torch hands every handle its own workspace on every call. Whether the products do run the
+same kernels (byte-identical predictions) and what it saves is what a run through this script measures against
+ilora.py.
 
     python experiments/cublas_env_run.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC --out runs/env
 """
@@ -23,11 +26,13 @@ plain_load_model = ilora.load_model
 SET_BY_USER = "CUBLAS_WORKSPACE_CONFIG" in os.environ  # a value of the user's own stays
 
 def load_model(name, device):
-    """ilora.load_model; then, in strict mode on a GPU, one cuBLAS call for torch's check, and the variable gone."""
+    """ilora.load_model; then, in strict mode on an sm_90 GPU, one cuBLAS call for torch's check, and the variable
+    gone."""
     model, tok = plain_load_model(name, device)
-    if device.type == "cuda" and torch.are_deterministic_algorithms_enabled() and not SET_BY_USER:
+    if (device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+            and torch.are_deterministic_algorithms_enabled() and not SET_BY_USER):
         probe = torch.ones(8, 8, device=device)
-        probe @ probe  # torch reads CUBLAS_WORKSPACE_CONFIG for strict mode's check here, once a process
+        torch.mm(probe, probe)  # torch reads CUBLAS_WORKSPACE_CONFIG for strict mode's check here, once a process
         del os.environ["CUBLAS_WORKSPACE_CONFIG"]
     return model, tok
 

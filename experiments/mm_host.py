@@ -1,18 +1,20 @@
 """The host's time per matrix product in I-LoRA's training step: by BLAS library, strict mode and
 CUBLAS_WORKSPACE_CONFIG.
 
-    python experiments/mm_host.py --out mm_host.json        # one GPU: about a minute
-    python experiments/mm_host.py --rounds 2 --calls 20     # CPU smoke
+    python experiments/mm_host.py --out mm_host.json        # one GPU: about two minutes
+    python experiments/mm_host.py --rows 8 --calls 3 --rounds 1     # CPU smoke
 
 Profiles of the step on an H200 (results/speed_h200/nan_fill/run_time_steps15.json) put 72 to 103 us of the host's own
 time into each aten::mm, against 10 to 13 us for an aten::mul, over 1,107 products a step: about a third of the host's
-time in a step that the host bounds (the profiler's own cost included). A suspect: torch parses CUBLAS_WORKSPACE_CONFIG,
-which strict mode needs, with a newly built regular expression on every cuBLAS call (cublas_env_run.py says more). This
-times calls of the step's products at SmolLM2's shapes, without the profiler, one after the other with no
-synchronisation (the host's time a call, while the GPU keeps up) and each synchronised (the GPU's), under each BLAS
-library torch offers (`torch.backends.cuda.preferred_blas_library`), with strict deterministic kernels off and on, and
-with the variable set to ilora.py's value and unset (torch checks it for strict mode once, at the first cuBLAS call,
-which this makes with it set). An element-wise product is timed beside them for scale.
+time in a step that the host bounds (the profiler's own cost included: it made the step some 20 % longer). A suspect:
+torch's source (CublasHandlePool.cpp at commit 26a3905) parses CUBLAS_WORKSPACE_CONFIG, which strict mode needs, with
+a newly built regular expression on every cuBLAS call, twice for a cuBLASLt product (cublas_env_run.py says more). This
+times calls of the step's products at SmolLM2's widths, without the profiler: back to back with no synchronisation (the
+host's time a call, while the GPU keeps up), and each followed by a synchronisation (host, GPU and the wait together),
+under each BLAS library torch offers (`torch.backends.cuda.preferred_blas_library`), with strict deterministic kernels
+off and on, and with the variable set to ilora.py's value and unset. torch checks the variable for strict mode at its
+first cuBLAS call, which this makes with it set; a torch that checks it again fails the cases of strict mode without it,
+and each failure is recorded as it is. An element-wise product is timed beside them for scale.
 """
 import argparse, itertools, json, os, statistics, time
 
@@ -59,7 +61,8 @@ def per_call_us(call, device, calls, rounds, synced):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, nargs="+", default=[640, 4800], help="token rows: 16 rows of 40 and of 300")
+    p.add_argument("--rows", type=int, nargs="+", default=[640, 12288],
+                   help="token rows: 16 rows of 40, and of 768 as the profiled steps padded to")
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=None)
@@ -70,6 +73,9 @@ def main(argv=None):
               "timings": []}
     config_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     fill_before = torch.utils.deterministic.fill_uninitialized_memory
+    strict_before = torch.are_deterministic_algorithms_enabled()
+    warn_only_before = torch.is_deterministic_algorithms_warn_only_enabled()
+    library_before = torch.backends.cuda.preferred_blas_library() if device.type == "cuda" else None
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # ilora.py's value, set before the first cuBLAS call
     torch.utils.deterministic.fill_uninitialized_memory = False  # strict mode as ilora.make_deterministic leaves it
     try:
@@ -84,16 +90,21 @@ def main(argv=None):
                 else:
                     os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
                 for name, call in calls.items():
-                    for _ in range(10):  # warm-up: cuBLAS's first calls of a shape choose its kernel
-                        call()
-                    host = per_call_us(call, device, args.calls, args.rounds, synced=False)
-                    gpu = per_call_us(call, device, args.calls, args.rounds, synced=True)
                     row = {"rows": rows, "blas": library, "strict": strict, "cublas_workspace_config": workspace_config,
-                           "product": name, "host_us_a_call": host, "synced_us_a_call": gpu}
+                           "product": name}
+                    try:
+                        for _ in range(10):  # warm-up: cuBLAS's first calls of a shape choose its kernel
+                            call()
+                        row["host_us_a_call"] = per_call_us(call, device, args.calls, args.rounds, synced=False)
+                        row["synced_us_a_call"] = per_call_us(call, device, args.calls, args.rounds, synced=True)
+                    except RuntimeError as error:  # strict mode's check of the variable, if this torch repeats it
+                        row["error"] = str(error).split("\n")[0]
                     result["timings"].append(row)
                     print(json.dumps(row), flush=True)
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(strict_before, warn_only=warn_only_before)
+        if library_before is not None:
+            torch.backends.cuda.preferred_blas_library(library_before)
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         if config_before is not None:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = config_before

@@ -198,8 +198,9 @@ def main(argv=None):
                    help="what compiles the static cache's decoding step: transformers' default (inductor's fused "
                         "kernels in CUDA graphs), the same kernels launched one by one (a profile names them), or "
                         "torch's cudagraphs backend (the eager kernels in CUDA graphs)")
-    p.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default="default",
-                   help="torch.backends.cuda.preferred_blas_library (GPU): which library runs the matrix products")
+    p.add_argument("--blas", choices=["default", "cublas", "cublaslt"], default=None,
+                   help="torch.backends.cuda.preferred_blas_library (GPU): which library runs the matrix products; "
+                        "left as torch has it if not given")
     p.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=True,
                    help="let torch pick cuDNN's attention (it does on an H200 without strict mode)")
     p.add_argument("--dynamic-pass", action=argparse.BooleanOptionalAction, default=True,
@@ -220,7 +221,7 @@ def main(argv=None):
     if DECODE_COMPILE[args.compile_backend]:
         model.generation_config.compile_config = transformers.CompileConfig(**DECODE_COMPILE[args.compile_backend])
     torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)
-    if device.type == "cuda":
+    if device.type == "cuda" and args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)
     other["fingerprint_s"], _ = timed(device, lambda: ilora.fingerprint(cfg, tasks))
     ilora.set_seed(cfg.seed)
@@ -230,7 +231,8 @@ def main(argv=None):
               "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
               "ilora_sha1": hashlib.sha1(pathlib.Path(ilora.__file__).read_bytes()).hexdigest(),
               "deterministic": cfg.deterministic, "compile_backend": args.compile_backend,
-              "cudnn_attention": args.cudnn_attention, "blas": args.blas, "gen_lens": gen_lens}
+              "cudnn_attention": args.cudnn_attention, "blas": args.blas if device.type == "cuda" else None,
+              "gen_lens": gen_lens}
     result["training"] = {}
     if args.steps:
         result["training"] = training(model, layers, tok, tasks, train, cfg, device, args.steps, args.profile_rows)
