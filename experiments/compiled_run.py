@@ -6,7 +6,7 @@ decoding step.
 
     python experiments/compiled_run.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC --out runs/compiled
 """
-import pathlib, sys
+import pathlib, sys, unittest.mock
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
 import ilora
@@ -24,11 +24,8 @@ def compiled_train_task(model, *args):
             del block.forward
 
 def main(argv=None):
-    ilora.train_task = compiled_train_task  # ilora.run looks the name up at each task
-    try:
+    with unittest.mock.patch.object(ilora, "train_task", compiled_train_task):  # ilora.run looks it up at each task
         return ilora.main(argv)
-    finally:
-        ilora.train_task = plain_train_task
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ ilora.py.
 
     python experiments/cublas_env_run.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC --out runs/env
 """
-import os, pathlib, sys
+import os, pathlib, sys, unittest.mock
 
 import torch
 
@@ -37,11 +37,8 @@ def load_model(name, device):
     return model, tok
 
 def main(argv=None):
-    ilora.load_model = load_model  # ilora.run looks the name up when it loads the model
-    try:
+    with unittest.mock.patch.object(ilora, "load_model", load_model):  # ilora.run looks the name up when it loads
         return ilora.main(argv)
-    finally:
-        ilora.load_model = plain_load_model
 
 if __name__ == "__main__":
     main()
