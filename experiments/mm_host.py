@@ -21,6 +21,8 @@ import argparse, itertools, json, os, statistics, time
 import torch
 import torch.nn.functional as F
 
+from bench import sync
+
 HIDDEN, INTERMEDIATE, KV, RANK = 576, 1536, 192, 8  # SmolLM2-135M's widths and ilora.py's LoRA rank
 
 def products(rows, device):
@@ -40,10 +42,6 @@ def products(rows, device):
             "mm down_proj (rows x 1536 x 576)": lambda: torch.mm(h, w_down.T),
             "linear LoRA A under autocast (fp32 factor)": lora,
             "mul (rows x 576), for scale": lambda: x * x}
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 def per_call_us(call, device, calls, rounds, synced):
     """Median over rounds of the microseconds a call: `calls` calls back to back, or each followed by a sync."""
