@@ -395,8 +395,8 @@ def test_strict_mode_s_nan_fill_moves_no_bit_of_a_run(tmp_path, model_dir, monke
     plain = ilora.main(args + ["--out", str(tmp_path / "plain")])
     assert torch.utils.deterministic.fill_uninitialized_memory is False
     make_deterministic = ilora.make_deterministic
-    def with_nan_fill(on):
-        make_deterministic(on)
+    def with_nan_fill(on, device):
+        make_deterministic(on, device)
         torch.utils.deterministic.fill_uninitialized_memory = True
     monkeypatch.setattr(ilora, "make_deterministic", with_nan_fill)
     filled = ilora.main(args + ["--out", str(tmp_path / "filled")])
@@ -404,6 +404,30 @@ def test_strict_mode_s_nan_fill_moves_no_bit_of_a_run(tmp_path, model_dir, monke
     assert max(max(row) for row in plain["R"]["slow"][1:]) > 0 and filled["R"] == plain["R"]
     assert_same_tensors(adapters(tmp_path / "filled"), adapters(tmp_path / "plain"))
     assert_same_tensors(checkpoint_tensors(tmp_path / "filled"), checkpoint_tensors(tmp_path / "plain"))
+
+def test_strict_mode_fixes_cublas_s_workspace_unless_the_user_did(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)  # restored afterwards, as are the values below
+    ilora.make_deterministic(True, torch.device("cpu"))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # only an sm_90 GPU, once checked, goes without it
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    ilora.make_deterministic(True, torch.device("cpu"))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="an sm_90 GPU (H100, H200)")
+def test_on_sm_90_the_products_without_the_variable_are_those_with_it(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    device = torch.device("cuda")
+    ilora.make_deterministic(True, device)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    generator = torch.Generator(device).manual_seed(0)
+    for rows, width, out in [(640, 576, 576), (640, 576, 1536), (12288, 1536, 576), (12288, 576, 192)]:
+        x = torch.randn(rows, width, device=device, dtype=torch.bfloat16, generator=generator)
+        w = torch.randn(out, width, device=device, dtype=torch.bfloat16, generator=generator)
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+        without = torch.nn.functional.linear(x, w)  # torch's default workspace
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        assert torch.equal(torch.nn.functional.linear(x, w), without)
 
 # ---- replay buffer --------------------------------------------------------------------------------------------
 

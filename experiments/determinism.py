@@ -43,9 +43,9 @@ def main():
     cfg = ilora.Config(model=args.model, data_dir=args.data_dir, tasks="C-STANCE,FOMC,ScienceQA,NumGLUE-cm",
                        max_len=768, max_new_tokens=64, eval_batch_size=100, method="ilora", lam=0.9, gamma=0.1,
                        lr=3e-3, dropout=0.05)
-    ilora.make_deterministic(True)
-    tasks = ilora.load_tasks(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ilora.make_deterministic(True, device)
+    tasks = ilora.load_tasks(cfg)
     model, tok = ilora.load_model(cfg.model, device)
     encoded = ilora.encode_tasks(tok, tasks, cfg)[0]
     rows, replay = encoded["FOMC"], encoded["C-STANCE"]

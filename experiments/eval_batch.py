@@ -24,7 +24,7 @@ def one_size(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ilora.Config(model=args.model, data_dir=args.data_dir, tasks=args.tasks, max_len=768, max_new_tokens=64,
                        eval_batch_size=args.one, max_test=args.per_task)
-    ilora.make_deterministic(True)
+    ilora.make_deterministic(True, device)
     tasks = ilora.load_tasks(cfg)
     model, tok = ilora.load_model(cfg.model, device)
     ilora.inject_lora(model, r=8, alpha=16)  # a fresh LoRA: the base model, through the same merged path

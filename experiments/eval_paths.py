@@ -30,7 +30,7 @@ def main():
     args = p.parse_args()
     cfg = ilora.Config(model=args.model, data_dir=args.data_dir, tasks=",".join(ilora.TASK_METRICS),
                        max_len=768, max_new_tokens=64, eval_batch_size=100)
-    ilora.make_deterministic(True)
+    ilora.make_deterministic(True, torch.device("cuda"))
     tasks = ilora.load_tasks(cfg)
     model, tok = ilora.load_model(cfg.model, torch.device("cuda"))
     ilora.inject_lora(model, r=8, alpha=16)  # a fresh LoRA: the base model, through the same merged path

@@ -63,7 +63,7 @@ def main():
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     tasks = ilora.load_tasks(cfg)
     metrics = {name: ilora.TASK_METRICS.get(name, "em") for name in tasks}
-    ilora.make_deterministic(True)
+    ilora.make_deterministic(True, device)
     ilora.set_seed(0)
     model, tok = ilora.load_model(cfg.model, device)
     layers = ilora.inject_lora(model, None, cfg.r, cfg.alpha, cfg.dropout)

@@ -8,7 +8,8 @@ Profiles of the step on an H200 (results/speed_h200/nan_fill/run_time_steps15.js
 time into each aten::mm, against 10 to 13 us for an aten::mul, over 1,107 products a step: about a third of the host's
 time in a step that the host bounds (the profiler's own cost included: it made the step some 20 % longer). A suspect:
 torch's source (CublasHandlePool.cpp at commit 26a3905) parses CUBLAS_WORKSPACE_CONFIG, which strict mode needs, with
-a newly built regular expression on every cuBLAS call, twice for a cuBLASLt product (cublas_env_run.py says more). This
+a newly built regular expression on every cuBLAS call, twice for a cuBLASLt product (ilora.make_deterministic says
+more: it now removes the variable on sm_90 GPUs once torch has checked it, after this measured its cost). This
 times calls of the step's products at SmolLM2's widths, without the profiler: back to back with no synchronisation (the
 host's time a call, while the GPU keeps up), and each followed by a synchronisation (host, GPU and the wait together),
 under each BLAS library torch offers (`torch.backends.cuda.preferred_blas_library`), with strict deterministic kernels

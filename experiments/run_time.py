@@ -213,7 +213,7 @@ def main(argv=None):
                        lam=0.9, gamma=0.1, max_test=args.per_task, max_train=args.per_task,
                        deterministic=args.deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ilora.make_deterministic(cfg.deterministic)
+    ilora.make_deterministic(cfg.deterministic, device)
     torch.use_deterministic_algorithms(cfg.deterministic)  # off as well, when an earlier caller in this process set it
     tasks = ilora.load_tasks(cfg)
     other = {}
