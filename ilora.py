@@ -1086,7 +1086,7 @@ def make_deterministic(on, device):
     torch.utils.deterministic.fill_uninitialized_memory = False
     if ours and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
         # torch checks the variable at its first cuBLAS call, once, but parses it again on every call to size the
-        # workspace: some 60 us of host time a matrix product on an H200, a fifth of a SmolLM2 run's training.
+        # workspace: some 60 us of host time a matrix product on an H200, near a quarter of a SmolLM2 step.
         # Without it an sm_90 GPU gets torch's default, the same 32 MiB (4096 KiB x 8), so the same kernels.
         probe = torch.ones(8, 8, device=device)
         torch.mm(probe, probe)  # the check, made now
