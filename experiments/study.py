@@ -24,7 +24,7 @@ no model, no GPU), then what a wave needs, from the runs under --root:
 
 Every run uses --deterministic (the default of ilora.py) unless its phase says otherwise.
 """
-import argparse, itertools, json, math, pathlib, re, statistics, sys, tarfile
+import argparse, itertools, math, pathlib, re, statistics, sys, tarfile
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # ilora.py is one folder up
