@@ -1077,7 +1077,8 @@ def encode_tasks(tok, tasks, cfg):
 
 def make_deterministic(on, device):
     """GPU kernels that give the same bits on every run (CPU kernels do already): the same command, the same R.
-    Without strict mode's NaN in torch.empty's tensors: a fill kernel each, which only exposes reads of unset memory."""
+    Without strict mode's NaN in torch.empty's tensors: a fill kernel each, which only exposes reads of unset memory.
+    On an sm_90 GPU, also without the cuBLAS variable it sets, once torch has checked it."""
     if not on:
         return
     ours = "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # a value of the user's own stays

@@ -416,18 +416,23 @@ def test_strict_mode_fixes_cublas_s_workspace_unless_the_user_did(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="an sm_90 GPU (H100, H200)")
 def test_on_sm_90_the_products_without_the_variable_are_those_with_it(monkeypatch):
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     device = torch.device("cuda")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    ilora.make_deterministic(True, device)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # the user's own value stays
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     ilora.make_deterministic(True, device)
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     generator = torch.Generator(device).manual_seed(0)
     for rows, width, out in [(640, 576, 576), (640, 576, 1536), (12288, 1536, 576), (12288, 576, 192)]:
         x = torch.randn(rows, width, device=device, dtype=torch.bfloat16, generator=generator)
         w = torch.randn(out, width, device=device, dtype=torch.bfloat16, generator=generator)
+        g = torch.randn(rows, out, device=device, dtype=torch.bfloat16, generator=generator)
+        products = lambda: [torch.nn.functional.linear(x, w), g.T @ x]  # a forward and a weight gradient's
         monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-        without = torch.nn.functional.linear(x, w)  # torch's default workspace
+        without = products()  # torch's default workspace
         monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        assert torch.equal(torch.nn.functional.linear(x, w), without)
+        assert all(torch.equal(a, b) for a, b in zip(products(), without))
 
 # ---- replay buffer --------------------------------------------------------------------------------------------
 
