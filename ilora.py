@@ -164,30 +164,27 @@ def interpolate_slow_(slow, fast, lam):
         s.lerp_(f, 1.0 - lam)
 
 # ----------------------------------------------------------------------------------------------------------------
-# Replay buffer: reservoir sampling over every training example seen, token ids on the CPU with their task.
+# Replay buffer: reservoir sampling over every training example seen, token ids on the CPU.
 
 class ReplayBuffer:
-    """A uniform sample of all examples added so far (Vitter's algorithm R): items[k] is (ids, n_prompt), tasks[k] its
-    task. Its own random generator draws the slots and the samples, so replay changes no other draw (dropout, data
-    order): seq, replay and ilora's fast learner are the same run until the second task."""
+    """A uniform sample of all examples added so far (Vitter's algorithm R), items of (ids, n_prompt). Its own random
+    generator draws the slots and the samples, so replay changes no other draw (dropout, data order): seq, replay and
+    ilora's fast learner are the same run until the second task."""
     def __init__(self, capacity, seed):
         self.capacity = capacity
         self.seen = 0
         self.items = []
-        self.tasks = []
         self.gen = torch.Generator().manual_seed(seed)
 
-    def add(self, examples, task):
+    def add(self, examples):
         for example in examples:
             self.seen += 1
             if len(self.items) < self.capacity:
                 self.items.append(example)
-                self.tasks.append(task)
                 continue
             slot = int(torch.randint(self.seen, (1,), generator=self.gen))
             if slot < self.capacity:  # kept with probability capacity / seen, in place of a random item
                 self.items[slot] = example
-                self.tasks[slot] = task
 
     def sample(self, n):
         """n examples drawn without replacement (all of them, if the buffer holds fewer)."""
@@ -195,12 +192,11 @@ class ReplayBuffer:
         return [self.items[i] for i in picks]
 
     def state_dict(self):
-        return {"seen": self.seen, "gen": self.gen.get_state(), "items": self.items, "tasks": self.tasks}
+        return {"seen": self.seen, "gen": self.gen.get_state(), "items": self.items}
 
     def load_state_dict(self, state):
         self.seen = state["seen"]
         self.items = [tuple(item) for item in state["items"]]
-        self.tasks = list(state["tasks"])
         self.gen.set_state(state["gen"])
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,8 +288,7 @@ def slow_block_outputs(backbone, layers, ids):
     return h_slow
 
 # ----------------------------------------------------------------------------------------------------------------
-# One training step: sample buffer (train_task) -> slow forward -> fast forward -> CE + gamma * consistency ->
-# step -> interpolate the slow learner -> add the current rows to the buffer (train_task, first epoch).
+# One training step: slow forward -> fast forward -> CE + gamma * consistency -> step -> slow learner interpolated.
 
 def train_step(model, layers, optimizer, sched, current, replay, cfg, step):
     """One optimizer step of the fast learner on current + replay rows, then the slow learner's interpolation.
@@ -350,34 +345,32 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
     orders = [torch.randperm(len(examples)).tolist() for _ in range(cfg.epochs)]  # before any dropout draw
     if RANK:  # torchrun: the same data order on every process, dropout masks of its own
         set_seed(cfg.seed, t, RANK)
-    n_steps = cfg.epochs * math.ceil(len(examples) / cfg.batch_size)
+    batches = [(epoch, order[start: start + cfg.batch_size])  # (epoch, the indices of its rows), in step order
+               for epoch, order in enumerate(orders) for start in range(0, len(order), cfg.batch_size)]
     sums = torch.zeros(2, device=model.device)  # CE and consistency since the last log line
     model.train()
-    done = 0
-    with tqdm(total=n_steps, desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0) as bar:
-        for epoch, order in enumerate(orders):
-            for start in range(0, len(order), cfg.batch_size):
-                current = [examples[i] for i in order[start: start + cfg.batch_size]]
-                replay = []
-                if cfg.method != "seq" and t > 1:  # there is nothing to replay during the first task
-                    replay = buffer.sample(len(current))
-                state["step"] += 1
-                sums += torch.stack(train_step(model, layers, optimizer, sched, current, replay, cfg, state["step"]))
-                state["tokens"] += sum(len(ids) for ids, _ in current + replay)
-                # each example enters the buffer once, after its step: no batch of the first epoch replays itself
-                if epoch == 0 and cfg.method != "seq":
-                    buffer.add(current, t)
-                bar.update()
-                done += 1
-                if done % cfg.log_every == 0 or done == n_steps:
-                    n_logged = (done - 1) % cfg.log_every + 1
-                    ce, cons = (sum_over_processes(sums) / n_logged).tolist()
-                    if not (math.isfinite(ce) and math.isfinite(cons)):
-                        raise FloatingPointError(f"non-finite loss at task {t}, steps {state['step'] - n_logged + 1}"
-                                                 f"..{state['step']}; last good checkpoint: {cfg.out}/checkpoint.pt")
-                    bar.write(f"task {t} step {state['step']:6d} | ce {ce:.4f} | consistency {cons:.6f} | "
-                              f"lr {sched.get_last_lr()[0]:.2e}")
-                    sums.zero_()
+    with tqdm(total=len(batches), desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0) as bar:
+        for done, (epoch, batch) in enumerate(batches, start=1):
+            current = [examples[i] for i in batch]
+            replay = []
+            if cfg.method != "seq" and t > 1:  # there is nothing to replay during the first task
+                replay = buffer.sample(len(current))
+            state["step"] += 1
+            sums += torch.stack(train_step(model, layers, optimizer, sched, current, replay, cfg, state["step"]))
+            state["tokens"] += sum(len(ids) for ids, _ in current + replay)
+            # each example enters the buffer once, after its step: no batch of the first epoch replays itself
+            if epoch == 0 and cfg.method != "seq":
+                buffer.add(current)
+            bar.update()
+            if done % cfg.log_every == 0 or done == len(batches):
+                n_logged = (done - 1) % cfg.log_every + 1
+                ce, cons = (sum_over_processes(sums) / n_logged).tolist()
+                if not (math.isfinite(ce) and math.isfinite(cons)):
+                    raise FloatingPointError(f"non-finite loss at task {t}, steps {state['step'] - n_logged + 1}"
+                                             f"..{state['step']}; last good checkpoint: {cfg.out}/checkpoint.pt")
+                bar.write(f"task {t} step {state['step']:6d} | ce {ce:.4f} | consistency {cons:.6f} | "
+                          f"lr {sched.get_last_lr()[0]:.2e}")
+                sums.zero_()
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generation and scores: greedy answers, batched and left-padded; R's rows and the continual-learning metrics.
@@ -1077,8 +1070,7 @@ def encode_tasks(tok, tasks, cfg):
 
 def make_deterministic(on, device):
     """GPU kernels that give the same bits on every run (CPU kernels do already): the same command, the same R.
-    Without strict mode's NaN in torch.empty's tensors: a fill kernel each, which only exposes reads of unset memory.
-    On an sm_90 GPU, also without the cuBLAS variable it sets, once torch has checked it."""
+    Without strict mode's NaN in torch.empty's tensors: a fill kernel each, which only exposes reads of unset memory."""
     if not on:
         return
     ours = "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # a value of the user's own stays
@@ -1086,11 +1078,9 @@ def make_deterministic(on, device):
     torch.use_deterministic_algorithms(True)  # strict: with warn_only, cuDNN attention stays nondeterministic
     torch.utils.deterministic.fill_uninitialized_memory = False
     if ours and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
-        # torch checks the variable at its first cuBLAS call, once, but parses it again on every call to size the
-        # workspace: some 60 us of host time a matrix product on an H200, near a quarter of a SmolLM2 step.
-        # Without it an sm_90 GPU gets torch's default, the same 32 MiB (4096 KiB x 8), so the same kernels.
-        probe = torch.ones(8, 8, device=device)
-        torch.mm(probe, probe)  # the check, made now
+        # torch checks the variable once, at its first cuBLAS call (this product), but parses it on every call: 60 us
+        # a product on an H200. Without it, sm_90 gets the same 32 MiB workspace by default, so the same kernels.
+        torch.mm(torch.ones(8, 8, device=device), torch.ones(8, 8, device=device))
         del os.environ["CUBLAS_WORKSPACE_CONFIG"]
 
 def run(cfg):

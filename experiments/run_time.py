@@ -105,8 +105,8 @@ def training(model, layers, tok, tasks, train, cfg, device, n_steps, prof_rows):
     """ilora steps on the tasks of the shortest and the longest rows, replaying from a buffer of every task (so a
     step's width, its longest row, is often near max_len on either task: recorded as step_width_median)."""
     buffer = ilora.ReplayBuffer(cfg.buffer_size, cfg.seed)
-    for t, name in enumerate(train, start=1):
-        buffer.add(train[name], t)
+    for rows in train.values():
+        buffer.add(rows)
     mean_len = {name: statistics.mean(len(ids) for ids, _ in rows) for name, rows in train.items()}
     picks = [min(mean_len, key=mean_len.get), max(mean_len, key=mean_len.get)]
     optimizer = torch.optim.AdamW(ilora.fast_tensors(layers), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -240,7 +240,7 @@ def main(argv=None):
                                 args.dynamic_pass)
     result["compile_config"] = str(getattr(model, "_last_compile_config", None))  # what generate() compiled with
     buffer = ilora.ReplayBuffer(cfg.buffer_size, cfg.seed)
-    buffer.add([row for rows in train.values() for row in rows][: cfg.buffer_size], 1)
+    buffer.add([row for rows in train.values() for row in rows][: cfg.buffer_size])
     with tempfile.TemporaryDirectory() as folder:
         folder = pathlib.Path(folder)
         other["save_adapter_s"], _ = timed(device, lambda: ilora.save_peft_adapter(
