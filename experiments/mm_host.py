@@ -17,11 +17,13 @@ off and on, and with the variable set to ilora.py's value and unset. torch check
 first cuBLAS call, which this makes with it set; a torch that checks it again fails the cases of strict mode without it,
 and each failure is recorded as it is. An element-wise product is timed beside them for scale.
 """
-import argparse, itertools, json, os, statistics, time
+import argparse, itertools, json, os, pathlib, statistics, sys, time
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # ilora.py is one folder up
+import ilora
 from bench import sync
 
 HIDDEN, INTERMEDIATE, KV, RANK = 576, 1536, 192, 8  # SmolLM2-135M's widths and ilora.py's LoRA rank
@@ -109,8 +111,7 @@ def main(argv=None):
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = config_before
         torch.utils.deterministic.fill_uninitialized_memory = fill_before
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        ilora.write_json(args.out, result)
     return result
 
 if __name__ == "__main__":
