@@ -8,7 +8,8 @@
 #   bash experiments/gpu_torchrun.sh trace8 1    # one TRACE-8 ilora run (1 epoch, both learners scored after every
 #   bash experiments/gpu_torchrun.sh trace8 2    # task) at 1 process, then at 2: wall time and R;
 #                                                # EVAL_BATCH=400 scores in batches of 400 instead of 100;
-#                                                # ILORA=.head/ilora.py TAG=head runs another ilora.py
+#                                                # ILORA=.head/ilora.py TAG=head runs another ilora.py;
+#                                                # LAUNCH=python3 runs one process without torchrun
 #   bash experiments/gpu_torchrun.sh evalbatch   # eval_batch.py: a TRACE-8 scoring pass at several batch sizes
 set -euo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -31,8 +32,9 @@ case "$1" in
         --lam 0.9 --gamma 0.1"
     SECONDS=0
     name=trace8_${n}proc${EVAL_BATCH:+_eval$EVAL_BATCH}${TAG:+_$TAG}
-    # inductor's cache empty, as on a fresh machine: every run pays the same compile
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) torchrun --nproc_per_node $n ${ILORA:-ilora.py} $T8 --out /tmp/$name \
+    # inductor's cache empty, as on a fresh machine: every run pays the same compile (INDUCTOR_CACHE=dir keeps one)
+    launch=${LAUNCH:-torchrun --nproc_per_node $n}
+    TORCHINDUCTOR_CACHE_DIR=${INDUCTOR_CACHE:-$(mktemp -d)} $launch ${ILORA:-ilora.py} $T8 --out /tmp/$name \
       --overwrite > "$OUT/$name.log" 2>&1 || true
     echo "$n process(es): wall ${SECONDS} s" | tee -a "$OUT/$name.log"
     cp /tmp/$name/results.json "$OUT/$name.json" || true
