@@ -30,9 +30,10 @@ def main():
     args = p.parse_args()
     cfg = ilora.Config(model=args.model, data_dir=args.data_dir, tasks=",".join(ilora.TASK_METRICS),
                        max_len=768, max_new_tokens=64, eval_batch_size=100)
-    ilora.make_deterministic(True, torch.device("cuda"))
+    device = torch.device("cuda")  # the static cache, this script's subject, is compiled on a GPU alone
+    ilora.make_deterministic(True, device)
     tasks = ilora.load_tasks(cfg)
-    model, tok = ilora.load_model(cfg.model, torch.device("cuda"))
+    model, tok = ilora.load_model(cfg.model, device)
     ilora.inject_lora(model, r=8, alpha=16)  # a fresh LoRA: the base model, through the same merged path
     _, prompt_ids, gen_lens = ilora.encode_tasks(tok, tasks, cfg)
     result = {"card": torch.cuda.get_device_name(), "prompts": sum(len(s["test"]) for s in tasks.values())}

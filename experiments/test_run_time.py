@@ -58,8 +58,11 @@ def test_folded_gqa_attention_decodes_the_answers_of_transformers_sdpa(monkeypat
     prompts = token_ids(tok, PROMPTS)  # of several lengths: left-padded, so every step has an attention mask
     plain = [ilora.generate(model, tok, prompts, 6, max_len=24, static_rows=rows) for rows in (0, 8)]
     calls, unfolded = [], []
-    def counted(kept, function):
-        return lambda *args, **kwargs: kept.append(1) or function(*args, **kwargs)
+    def counted(kept, function):  # function, noting each call in kept
+        def call(*args, **kwargs):
+            kept.append(1)
+            return function(*args, **kwargs)
+        return call
     monkeypatch.setattr(run_time, "sdpa_attention_forward", counted(unfolded, run_time.sdpa_attention_forward))
     folded = counted(calls, run_time.folded_gqa_attention)
     monkeypatch.setitem(transformers.AttentionInterface._global_mapping, "sdpa", folded)  # restored afterwards
