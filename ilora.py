@@ -19,7 +19,7 @@ UsageError down to train_step (in one process, without train_step's process_shar
     torchrun --nproc_per_node 2 ilora.py --data-dir ../shared/data/trace_500 --tasks C-STANCE,FOMC --out runs/ddp
 """
 import contextlib, copy, dataclasses, difflib, hashlib, importlib.util, itertools, json, math, os, pathlib
-import random, re, shutil, socket, sys, time
+import random, re, shutil, socket, sys, tempfile, time
 from collections import Counter
 
 import torch
@@ -213,14 +213,10 @@ def encode(prompt_ids, answer_ids, eos_id, max_len):
 def collate(rows, pad_id, device):
     """Right-pad (ids, n_prompt) rows into ids (B, L), mask (B, L): 1 on real tokens, labels (B, L): -100 on prompt
     and padding, and pos: the flat indices into (B, L-1) whose next token is a label (on the CPU: no host sync)."""
-    length = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
-    for b, (row, n_prompt) in enumerate(rows):
-        ids[b, : len(row)] = row
-        mask[b, : len(row)] = 1
-        labels[b, n_prompt: len(row)] = row[n_prompt:]
+    ids = nn.utils.rnn.pad_sequence([row.long() for row, _ in rows], batch_first=True, padding_value=pad_id)
+    mask = nn.utils.rnn.pad_sequence([torch.ones(len(row), dtype=torch.long) for row, _ in rows], batch_first=True)
+    labels = nn.utils.rnn.pad_sequence([F.pad(row[n_prompt:].long(), (n_prompt, 0), value=-100)
+                                        for row, n_prompt in rows], batch_first=True, padding_value=-100)
     pos = (labels[:, 1:].reshape(-1) != -100).nonzero().squeeze(1)
     tensors = [ids, mask, labels, pos]
     if torch.device(device).type == "cuda":  # copies from pinned memory do not make the host wait
@@ -352,9 +348,7 @@ def train_task(model, layers, examples, t, buffer, cfg, state):
     with tqdm(total=len(batches), desc=f"task {t}", leave=False, dynamic_ncols=True, disable=RANK > 0) as bar:
         for done, (epoch, batch) in enumerate(batches, start=1):
             current = [examples[i] for i in batch]
-            replay = []
-            if cfg.method != "seq" and t > 1:  # there is nothing to replay during the first task
-                replay = buffer.sample(len(current))
+            replay = buffer.sample(len(current)) if cfg.method != "seq" and t > 1 else []  # none in the first task
             state["step"] += 1
             sums += torch.stack(train_step(model, layers, optimizer, sched, current, replay, cfg, state["step"]))
             state["tokens"] += sum(len(ids) for ids, _ in current + replay)
@@ -386,10 +380,9 @@ def generate(model, tok, prompts, max_new_tokens, max_len, static_rows=0):
         rows += rows[-1:] * (static_rows - len(rows))  # the last prompt again, to fill the batch
         length = width
     ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
     for b, row in enumerate(rows):
         ids[b, length - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[b, length - len(row):] = 1
+    mask = (torch.arange(length) >= length - torch.tensor([len(row) for row in rows]).unsqueeze(1)).long()
     out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                          max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, cache_implementation="static" if static_rows else None)
@@ -542,13 +535,11 @@ def builtin_task(name):
 def read_split(path, split):
     """The {"prompt", "answer"} records of one split file; any defect is a UsageError that names its place."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}, line {e.lineno}: not JSON: {e.msg} at column {e.colno}") from None
     if not isinstance(data, list):
@@ -587,12 +578,7 @@ def load_tasks(cfg):
             where = f", or a folder under --data-dir {cfg.data_dir}" if cfg.data_dir else ""
             raise UsageError(f"task {name!r}: not a built-in task ({', '.join(BUILTIN)}), a folder{where}")
         else:
-            splits = {}
-            for split in ("train", cfg.eval_split):
-                path = folder / f"{split}.json"
-                if not path.is_file():
-                    raise UsageError(f"task {name!r}: {folder} has no {split}.json")
-                splits[split] = read_split(path, split)
+            splits = {split: read_split(folder / f"{split}.json", split) for split in ("train", cfg.eval_split)}
         tasks[key] = {split: splits[split][: caps[split] or None] for split in ("train", cfg.eval_split)}
     return tasks
 
@@ -728,6 +714,22 @@ def static_cache_rows(model, tasks, cfg, n_learners):
     batches = passes * math.ceil(prompts / cfg.eval_batch_size)
     return cfg.eval_batch_size if cfg.kv_cache == "static" or batches >= STATIC_CACHE_MIN_BATCHES else 0
 
+def folded_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, except that a step decoding one token reads the KV cache as it is: where key/value
+    heads serve several query heads each (SmolLM2: 3 for 9), those become query rows of their key/value head. Compiled,
+    under a padding mask, transformers' own copies every layer's cache to each query head at every step instead."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward as transformers_sdpa
+    groups = getattr(module, "num_key_value_groups", 1)
+    mask_per_head = attention_mask is not None and attention_mask.shape[1] != 1
+    if groups == 1 or query.shape[2] != 1 or mask_per_head or kwargs.get("position_bias") is not None:
+        return transformers_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    batch, heads, _, dim = query.shape
+    query = query.reshape(batch, heads // groups, groups, dim)  # (B, H_kv, H / H_kv, D): head h reads h // groups
+    if attention_mask is not None:  # (B, 1, 1, L): one row for all query rows
+        attention_mask = attention_mask.expand(-1, -1, groups, -1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None  # (B, 1, H, D), as transformers'
+
 def predict(model, tok, prompt_ids, cfg, gen_lens, learner, static_rows=0):
     """Greedy answers of `learner` to prompt_ids ({task: its prompts' token ids}), as {task: answers}. Prompts of one
     generation length, sorted by length, make batches; process k decodes batches k, k + WORLD, ...: WORLD moves none."""
@@ -735,8 +737,7 @@ def predict(model, tok, prompt_ids, cfg, gen_lens, learner, static_rows=0):
     prompts = [ids for name in prompt_ids for ids in prompt_ids[name]]  # every task's, in order
     n_new = [gen_lens[name] for name in prompt_ids for _ in prompt_ids[name]]
     for length in sorted(set(n_new)):
-        group = [i for i in range(len(prompts)) if n_new[i] == length]
-        group.sort(key=lambda i: len(prompts[i]))
+        group = sorted((i for i in range(len(prompts)) if n_new[i] == length), key=lambda i: len(prompts[i]))
         for start in range(0, len(group), cfg.eval_batch_size):
             jobs.append((length, group[start: start + cfg.eval_batch_size]))
     answers = {}
@@ -809,9 +810,7 @@ def check_out(cfg):
         raise UsageError(f"--out {cfg.out}: --overwrite would empty this folder, which holds the working directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=out).close()  # a file this process can create there, gone on close
     except OSError as e:
         raise UsageError(f"--out {cfg.out}: cannot write there ({e.strerror})") from None
     own_log = {os.fstat(fd).st_ino for fd in (1, 2)}  # a log this process writes into --out stays
@@ -915,7 +914,7 @@ def model_dtype(device):
 
 def load_model(name, device):
     """The model in bf16 on a GPU, fp32 on a CPU, and its tokenizer with a pad token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging
     logging.set_verbosity_error()  # its notes on weights and its progress bars would bury the run's own log
     logging.disable_progress_bar()
@@ -932,6 +931,7 @@ def load_model(name, device):
     model.config.pad_token_id = tok.pad_token_id
     # greedy decoding alone: generate() fills what it is not told from the checkpoint's settings (a repetition penalty)
     model.generation_config = GenerationConfig()
+    AttentionInterface.register("sdpa", folded_gqa_attention)  # this process's "sdpa": same outputs, faster decoding
     return model, tok
 
 def fingerprint(cfg, tasks):

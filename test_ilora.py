@@ -795,6 +795,46 @@ def test_merged_and_static_generation_give_the_answers_of_the_wrapped_model(kind
         assert merged == before and static == before, learner
     assert len(set(before)) > 1  # the answers are not all the same string
 
+def counted(calls, function):
+    """function, noting each call in the list `calls`."""
+    def call(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+    return call
+
+def test_folded_gqa_attention_is_transformers_sdpa_on_one_decoded_token():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(5, 9, 1, 16, generator=generator)  # SmolLM2's 9 query heads on 3 key/value heads
+    key, value = (torch.randn(5, 3, 12, 16, generator=generator) for _ in range(2))
+    mask = torch.rand(5, 1, 1, 12, generator=generator) > 0.3  # padding and unwritten cache slots left out
+    mask[:, :, :, -1] = True  # every row attends to its own token
+    for attention_mask in (mask, None):
+        plain, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.25)
+        folded, _ = ilora.folded_gqa_attention(module, query, key, value, attention_mask, scaling=0.25)
+        assert folded.shape == plain.shape == (5, 1, 9, 16) and torch.allclose(folded, plain, atol=1e-6)
+    assert not torch.allclose(folded[:, :, 0], folded[:, :, 3])  # the heads read different key/value heads
+
+def test_folded_gqa_attention_decodes_the_answers_of_transformers_sdpa(model_dir, monkeypatch):
+    import transformers
+    from transformers.integrations import sdpa_attention
+    attention = transformers.AttentionInterface._global_mapping
+    monkeypatch.setitem(attention, "sdpa", sdpa_attention.sdpa_attention_forward)  # restored after the test
+    model, tok = tiny_model("llama"), tiny_tokenizer()  # 4 query heads on 2 key/value heads
+    prompts = token_ids(tok, PROMPTS)  # of several lengths: left-padded, so every step has an attention mask
+    plain = [ilora.generate(model, tok, prompts, 6, max_len=24, static_rows=rows) for rows in (0, 8)]
+    ilora.load_model(str(model_dir), torch.device("cpu"))
+    assert attention["sdpa"] is ilora.folded_gqa_attention  # what a run decodes with
+    calls, unfolded = [], []
+    monkeypatch.setitem(attention, "sdpa", counted(calls, ilora.folded_gqa_attention))
+    transformers_sdpa = counted(unfolded, sdpa_attention.sdpa_attention_forward)
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", transformers_sdpa)
+    folded = [ilora.generate(model, tok, prompts, 6, max_len=24, static_rows=rows) for rows in (0, 8)]
+    assert folded == plain and len(set(plain[0])) > 1
+    assert 0 < len(unfolded) < len(calls)  # the prompts' forwards as transformers runs them, the decoding steps folded
+
 class Gathered(Exception):
     pass
 

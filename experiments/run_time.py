@@ -6,7 +6,7 @@
     python experiments/run_time.py ... --steps 0 --no-deterministic   # scoring alone, deterministic kernels off
     python experiments/run_time.py ... --steps 0 --compile-backend cudagraphs --no-dynamic-pass
     python experiments/run_time.py ... --steps 0 --compile-backend inductor-kernels   # the decoding step's kernels
-    python experiments/run_time.py ... --steps 0 --no-dynamic-pass --attention folded-gqa
+    python experiments/run_time.py ... --steps 0 --no-dynamic-pass --attention sdpa  # transformers' own
 
 The settings are `gpu_torchrun.sh trace8`'s (max_len 768, up to 64 new tokens, batches of 100, batch 8 + 8 replay
 rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
@@ -21,7 +21,8 @@ rows, ilora lam 0.9 gamma 0.1, strict deterministic kernels).
   transformers' default (inductor's fused kernels, mode reduce-overhead); `inductor-kernels` launches inductor's
   kernels one by one, so that the profile lists each. `--no-cudnn-attention` keeps torch from cuDNN's attention, the
   kernel that strict mode rules out; `--blas` picks the library of the matrix products (mm_host.py times their
-  calls); `--attention folded-gqa` decodes without copying the cache's keys and values to every query head.
+  calls); `--attention sdpa` decodes with transformers' SDPA attention in place of the one `ilora.load_model`
+  registers (`ilora.folded_gqa_attention`, which reads the KV cache without copying it to every query head).
   Tokenizing all prompts once is timed apart. One more static pass runs under torch.profiler: its busiest host
   operations are printed.
 - Training: ilora steps (`ilora.train_step`, fresh AdamW as `train_task` makes it) on the task of the shortest rows
@@ -50,24 +51,6 @@ DECODE_COMPILE = {  # --compile-backend: transformers.CompileConfig's settings, 
     # the eager kernels replayed as CUDA graphs, no inductor; this backend takes no mode
     "cudagraphs": {"backend": "cudagraphs", "mode": None},
 }
-
-def folded_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """--attention folded-gqa: transformers' SDPA attention, except in a step that decodes one token, where each
-    key/value head's query heads become query rows of it, (B, H, 1, D) -> (B, H_kv, H / H_kv, D): the cache's keys and
-    values are read as they are, instead of copied to every query head (transformers' repeat_kv, which its SDPA path
-    takes under an attention mask, as every left-padded scoring batch has)."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    one_mask_row = attention_mask is None or (attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1)
-    if groups == 1 or query.shape[2] != 1 or not one_mask_row or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    batch, heads, _, dim = query.shape
-    query = query.reshape(batch, heads // groups, groups, dim)  # query head h reads key/value head h // groups
-    if attention_mask is not None:  # (B, 1, 1, L): the same row for every query row
-        attention_mask = attention_mask.expand(-1, -1, groups, -1)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           dropout_p=dropout, scale=scaling)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None  # (B, 1, H, D), as transformers'
 
 def timed(device, work):
     """(seconds, result) of work(), the device synchronised before and after."""
@@ -224,9 +207,8 @@ def main(argv=None):
                         "left as torch has it if not given")
     p.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=True,
                    help="let torch pick cuDNN's attention (it does on an H200 without strict mode)")
-    p.add_argument("--attention", choices=["sdpa", "folded-gqa"], default="sdpa",
-                   help="transformers' SDPA attention, or with each decoding step's query heads folded onto their "
-                        "key/value head (no copy of the cache's keys and values a step)")
+    p.add_argument("--attention", choices=["folded-gqa", "sdpa"], default="folded-gqa",
+                   help="ilora.load_model's attention (ilora.folded_gqa_attention), or transformers' SDPA attention")
     p.add_argument("--dynamic-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="a fourth scoring pass, with the dynamic cache")
     p.add_argument("--profile-rows", type=int, default=30, help="host operations printed per profile")
@@ -245,8 +227,8 @@ def main(argv=None):
     if DECODE_COMPILE[args.compile_backend]:
         model.generation_config.compile_config = transformers.CompileConfig(**DECODE_COMPILE[args.compile_backend])
     torch.backends.cuda.enable_cudnn_sdp(args.cudnn_attention)
-    if args.attention == "folded-gqa":  # for this process: the model's "sdpa" attention is looked up at every call
-        transformers.AttentionInterface.register("sdpa", folded_gqa_attention)
+    if args.attention == "sdpa":  # for this process: the model's "sdpa" attention is looked up at every call
+        transformers.AttentionInterface.register("sdpa", sdpa_attention_forward)
     if device.type == "cuda" and args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)
     other["fingerprint_s"], _ = timed(device, lambda: ilora.fingerprint(cfg, tasks))

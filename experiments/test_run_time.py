@@ -5,8 +5,7 @@ import torch
 import transformers
 
 import run_time
-from run_time import ilora
-from test_ilora import PROMPTS, model_dir, tiny_model, tiny_tokenizer, token_ids, write_task  # noqa: F401
+from test_ilora import model_dir, write_task  # noqa: F401
 
 def test_run_time_splits_scoring_passes_and_times_steps_on_the_shortest_and_longest_rows(tmp_path, model_dir):
     write_task(tmp_path / "data" / "short")
@@ -35,50 +34,21 @@ def test_run_time_splits_scoring_passes_and_times_steps_on_the_shortest_and_long
     assert set(result["other"]) == {"load_model_s", "fingerprint_s", "encode_tasks_s", "save_adapter_s",
                                     "save_checkpoint_s"}
 
-def test_run_time_scores_alone_with_no_steps_and_records_the_kernels_mode(tmp_path, model_dir):
+def test_run_time_scores_alone_with_no_steps_and_records_the_kernels_mode(tmp_path, model_dir, monkeypatch):
     write_task(tmp_path / "data" / "t")
     out = tmp_path / "run_time.json"
+    attention = transformers.AttentionInterface._global_mapping
+    monkeypatch.setitem(attention, "sdpa", attention["sdpa"])  # whatever it is now, again after this test
     try:
         run_time.main(["--model", str(model_dir), "--data-dir", str(tmp_path / "data"), "--tasks", "t", "--steps", "0",
                        "--no-deterministic", "--no-dynamic-pass", "--compile-backend", "cudagraphs", "--blas", "cublas",
-                       "--no-cudnn-attention", "--attention", "folded-gqa", "--max-len", "96", "--profile-rows", "5",
+                       "--no-cudnn-attention", "--attention", "sdpa", "--max-len", "96", "--profile-rows", "5",
                        "--out", str(out)])
         assert not torch.backends.cuda.cudnn_sdp_enabled()
-        assert transformers.AttentionInterface._global_mapping["sdpa"] is run_time.folded_gqa_attention
-    finally:  # torch's and transformers' defaults again, for the tests after this one
+        assert transformers.AttentionInterface()["sdpa"] is run_time.sdpa_attention_forward  # not ilora's
+    finally:  # torch's default again, for the tests after this one
         torch.backends.cuda.enable_cudnn_sdp(True)
-        transformers.AttentionInterface.register("sdpa", run_time.sdpa_attention_forward)
     result = json.loads(out.read_text())
     assert result["training"] == {} and result["deterministic"] is False and len(result["scoring"]["passes"]) == 3
     assert result["compile_backend"] == "cudagraphs" and result["blas"] is None  # a CPU has no BLAS library to pick
-    assert result["cudnn_attention"] is False and result["attention"] == "folded-gqa"
-
-def test_folded_gqa_attention_decodes_the_answers_of_transformers_sdpa(monkeypatch):
-    model, tok = tiny_model("llama"), tiny_tokenizer()  # 4 query heads on 2 key/value heads
-    prompts = token_ids(tok, PROMPTS)  # of several lengths: left-padded, so every step has an attention mask
-    plain = [ilora.generate(model, tok, prompts, 6, max_len=24, static_rows=rows) for rows in (0, 8)]
-    calls, unfolded = [], []
-    def counted(kept, function):  # function, noting each call in kept
-        def call(*args, **kwargs):
-            kept.append(1)
-            return function(*args, **kwargs)
-        return call
-    monkeypatch.setattr(run_time, "sdpa_attention_forward", counted(unfolded, run_time.sdpa_attention_forward))
-    folded = counted(calls, run_time.folded_gqa_attention)
-    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, "sdpa", folded)  # restored afterwards
-    folded_answers = [ilora.generate(model, tok, prompts, 6, max_len=24, static_rows=rows) for rows in (0, 8)]
-    assert folded_answers == plain and len(set(plain[0])) > 1
-    assert 0 < len(unfolded) < len(calls)  # the prompts' forwards as transformers runs them, the decoding steps folded
-
-def test_folded_gqa_attention_is_transformers_sdpa_on_one_decoded_token():
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal = 3, True
-    generator = torch.Generator().manual_seed(0)
-    query = torch.randn(5, 9, 1, 16, generator=generator)  # SmolLM2's 9 query heads on 3 key/value heads
-    key, value = (torch.randn(5, 3, 12, 16, generator=generator) for _ in range(2))
-    mask = torch.rand(5, 1, 1, 12, generator=generator) > 0.3  # padding and unwritten cache slots left out
-    mask[:, :, :, -1] = True  # every row attends to its own token
-    plain, _ = run_time.sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
-    folded, _ = run_time.folded_gqa_attention(module, query, key, value, mask, scaling=0.25)
-    assert folded.shape == plain.shape == (5, 1, 9, 16) and torch.allclose(folded, plain, atol=1e-6)
-    assert not torch.allclose(folded[:, :, 0], folded[:, :, 3])  # the heads read different key/value heads
+    assert result["cudnn_attention"] is False and result["attention"] == "sdpa"
