@@ -811,11 +811,15 @@ def test_folded_gqa_attention_is_transformers_sdpa_on_one_decoded_token():
     key, value = (torch.randn(5, 3, 12, 16, generator=generator) for _ in range(2))
     mask = torch.rand(5, 1, 1, 12, generator=generator) > 0.3  # padding and unwritten cache slots left out
     mask[:, :, :, -1] = True  # every row attends to its own token
-    for attention_mask in (mask, None):
-        plain, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.25)
-        folded, _ = ilora.folded_gqa_attention(module, query, key, value, attention_mask, scaling=0.25)
+    per_head = mask.expand(-1, 9, -1, -1).clone()  # a mask of each query head's own (falls back to transformers')
+    per_head[:, 4, :, :-1] = False
+    bias = {"position_bias": torch.randn(5, 9, 1, 12, generator=generator)}  # T5-style (falls back as well)
+    cases = [(mask, {}), (None, {}), (per_head, {}), (mask, bias)]
+    for attention_mask, extra in cases:  # a scale other than 1 / sqrt(16), the default
+        plain, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=0.3, **extra)
+        folded, _ = ilora.folded_gqa_attention(module, query, key, value, attention_mask, scaling=0.3, **extra)
         assert folded.shape == plain.shape == (5, 1, 9, 16) and torch.allclose(folded, plain, atol=1e-6)
-    assert not torch.allclose(folded[:, :, 0], folded[:, :, 3])  # the heads read different key/value heads
+        assert not torch.allclose(folded[:, :, 0], folded[:, :, 3])  # the heads read different key/value heads
 
 def test_folded_gqa_attention_decodes_the_answers_of_transformers_sdpa(model_dir, monkeypatch):
     import transformers
