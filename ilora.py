@@ -913,7 +913,7 @@ def model_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 def load_model(name, device):
-    """The model (bf16 on a GPU, fp32 on a CPU) and its tokenizer with a pad token; sets the process's "sdpa" attention."""
+    """The model (bf16 on a GPU, fp32 on a CPU) and its tokenizer with a pad token; sets this process's "sdpa"."""
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging
     logging.set_verbosity_error()  # its notes on weights and its progress bars would bury the run's own log
